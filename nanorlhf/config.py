@@ -1,0 +1,281 @@
+"""Configs, presets and the run-time set-up (device, precision, seeds, DDP) decided once.
+
+Each script has one dataclass of settings; every field is a --flag of the same
+name. The order of precedence: dataclass default < preset < command line.
+"""
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Presets: values that differ between a test run (tiny), a laptop (cpu) and one GPU (gpu).
+# "all" applies to every stage; a stage's own table overrides it. Fields a stage lacks are skipped.
+PRESETS = {
+    "tiny": {
+        "all": dict(vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=96, max_prompt_tokens=24,
+                    max_new_tokens=24, tokenizer_chars=200_000),
+        "sft": dict(max_iters=8, batch_size=8, eval_every=4, eval_iters=2, sample_every=4, warmup_iters=2),
+        "rm": dict(n_prompts=32, k_responses=2, batch_size=8, epochs=1, norm_samples=16, eval_samples=16),
+        "ppo": dict(iterations=2, rollout_batch=8, n_minibatches=2, eval_prompts=8, sample_every=1),
+        "dpo": dict(max_iters=4, batch_size=8),
+    },
+    "cpu": {
+        "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
+                    max_new_tokens=224),
+        "sft": dict(max_iters=600, batch_size=16, eval_every=100, eval_iters=8, sample_every=100, warmup_iters=50),
+        "rm": dict(n_prompts=600, k_responses=2, batch_size=32, epochs=2, norm_samples=256, eval_samples=256),
+        "ppo": dict(iterations=40, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5),
+        "dpo": dict(max_iters=200, batch_size=16),
+    },
+    "gpu": {
+        "all": dict(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, block_size=512, max_prompt_tokens=64,
+                    max_new_tokens=256),
+        "sft": dict(max_iters=5000, batch_size=64, eval_every=250, eval_iters=20, sample_every=500,
+                    warmup_iters=200),
+        "rm": dict(n_prompts=8000, k_responses=4, batch_size=64, epochs=1, norm_samples=1024, eval_samples=1024),
+        "ppo": dict(iterations=200, rollout_batch=256, n_minibatches=4, eval_prompts=512, sample_every=20),
+        "dpo": dict(max_iters=2000, batch_size=64),
+    },
+}
+
+
+@dataclass
+class CommonConfig:
+    """Settings every stage shares: data, tokenizer, model shape, run-time."""
+    preset: str = ""  # tiny | cpu | gpu; empty means gpu when CUDA is present, else cpu
+    out_dir: str = ""  # where checkpoints, metrics and plots go; empty means out/<stage>
+    seed: int = 1337  # seeds python, numpy and torch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model (GPU; slower to start, faster to run)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    dataset: str = "sample"  # sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
+    tokenizer: str = "bpe"  # bpe (trained on the corpus) | gpt2 (tiktoken's GPT-2 encoding)
+    vocab_size: int = 2048  # BPE vocabulary size including <|endoftext|>
+    tokenizer_chars: int = 0  # train the BPE on the first N characters only (0 = all)
+    block_size: int = 256  # longest sequence the model sees (prompt + response)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 192  # model width
+    dropout: float = 0.0  # dropout; RL stages force 0 (DESIGN detail 9)
+    max_prompt_tokens: int = 32  # prompts are cut to their last N tokens (with a warning)
+    max_new_tokens: int = 224  # longest response
+    temperature: float = 1.0  # sampling temperature; divides the logits in every logprob pass too
+    log_every: int = 1  # console/JSONL line every N steps
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    init_from: str = "scratch"  # scratch | gpt2 (Hugging Face GPT-2 weights, needs internet once)
+    loss_on: str = "auto"  # all tokens of the story | response tokens only | auto (all from scratch, else response)
+    batch_size: int = 16  # stories per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 600  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine
+    warmup_iters: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # clip the gradient norm at this
+    eval_every: int = 100  # validation loss every N steps
+    eval_iters: int = 8  # validation batches per evaluation
+    sample_every: int = 100  # print a prompt and the model's continuation every N steps
+    sft_dropout: float = 0.1  # dropout while training from scratch (the saved model runs with dropout 0)
+
+
+@dataclass
+class RMConfig(CommonConfig):
+    sft_dir: str = "out/sft"  # the SFT checkpoint the reward model starts from
+    prefs: str = ""  # a JSONL preference file to train on; empty = simulate raters on SFT samples
+    n_prompts: int = 600  # prompts to collect simulated comparisons on
+    k_responses: int = 2  # responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs
+    n_raters: int = 5  # simulated raters in the pool
+    rater_noise_low: float = 0.05  # the most careful rater's noise
+    rater_noise_high: float = 0.5  # the noisiest rater's noise
+    rater_bias: str = ""  # "" | length | flowery: a hidden taste the raters share
+    rater_bias_weight: float = 0.5  # how strong that taste is
+    val_fraction: float = 0.1  # share of prompts held out for validation
+    batch_size: int = 32  # pairs per step
+    epochs: int = 2  # passes over the pairs
+    lr: float = 1e-4  # learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm at this
+    norm_samples: int = 256  # fresh SFT samples used to normalise the reward to mean 0, std 1
+    eval_samples: int = 256  # fresh SFT samples for the RM-vs-gold Spearman correlation
+
+
+@dataclass
+class PPOConfig(CommonConfig):
+    sft_dir: str = "out/sft"  # policy and reference start here
+    rm_dir: str = "out/rm"  # the reward model (value model starts from it)
+    iterations: int = 40  # rollout + learn cycles
+    rollout_batch: int = 64  # prompts per iteration
+    n_minibatches: int = 4  # minibatches per PPO epoch
+    ppo_epochs: int = 4  # passes over each rollout batch (DESIGN detail 7)
+    lr: float = 1e-5  # policy learning rate
+    value_lr: float = 1e-5  # value model learning rate
+    grad_clip: float = 1.0  # clip the gradient norm at this
+    init_kl_coef: float = 0.1  # initial beta of the KL penalty
+    adaptive_kl: bool = True  # adapt beta towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # nats per response
+    kl_horizon: int = 10000  # horizon of the adaptive KL controller
+    gamma: float = 1.0  # discount (DESIGN detail 5)
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # PPO ratio clip
+    clip_range_value: float = 0.2  # value clip
+    vf_coef: float = 0.1  # value loss coefficient
+    no_eos_penalty: float = -1.0  # RM score given to responses that never emit <|endoftext|>
+    eval_prompts: int = 128  # held-out prompts for the final gold evaluation
+    sample_every: int = 5  # print a table of samples every N iterations
+    save_every: int = 5  # checkpoint every N iterations
+
+
+@dataclass
+class DPOConfig(CommonConfig):
+    sft_dir: str = "out/sft"  # policy and reference start here
+    rm_dir: str = "out/rm"  # where the preference pairs the RM used are stored (prefs.jsonl)
+    prefs: str = ""  # a preference file; empty = out/rm/prefs.jsonl
+    beta: float = 0.1  # DPO temperature (Rafailov et al. 2023)
+    batch_size: int = 16  # pairs per step
+    max_iters: int = 200  # optimizer steps
+    lr: float = 1e-5  # learning rate
+    grad_clip: float = 1.0  # clip the gradient norm at this
+
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def default_preset():
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _field_comments(cls):
+    """The comment after each field in the dataclass source: it becomes the --help text."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def parse_config(cls, stage, argv=None, description=None):
+    """Build cls from its defaults, the preset and the command line (every field is a --flag)."""
+    parser = argparse.ArgumentParser(description=description)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)"
+        kind = _str2bool if f.type in (bool, "bool") else type(f.default)
+        parser.add_argument(f"--{f.name}", type=kind, default=None, nargs="?" if kind is _str2bool else None,
+                            const=True if kind is _str2bool else None, help=comment or f.name)
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return make_config(cls, stage, **given)
+
+
+def make_config(cls, stage, **overrides):
+    """The config for a stage: defaults < preset < overrides. Also the form tests use."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} for {cls.__name__}; see --help")
+    preset = overrides.get("preset") or default_preset()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset]["all"], **PRESETS[preset].get(stage, {})}
+    values = {k: v for k, v in values.items() if k in names}
+    values.update(overrides)
+    values["preset"] = preset
+    values["out_dir"] = values.get("out_dir") or os.path.join("out", stage)
+    cfg = cls(**values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Refuse settings that cannot work, saying which and why."""
+    if cfg.max_prompt_tokens + cfg.max_new_tokens > cfg.block_size:
+        raise ValueError(f"max_prompt_tokens ({cfg.max_prompt_tokens}) + max_new_tokens ({cfg.max_new_tokens}) "
+                         f"> block_size ({cfg.block_size}): raise block_size or shorten them")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        raise ValueError(f"vocab_size {cfg.vocab_size} must be > 256 (the byte tokens plus <|endoftext|>)")
+    if isinstance(cfg, PPOConfig) and cfg.rollout_batch % cfg.n_minibatches:
+        raise ValueError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by n_minibatches "
+                         f"({cfg.n_minibatches})")
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be > 0")
+
+
+@dataclass
+class Runtime:
+    """Device and precision, decided once. autocast() wraps every forward pass."""
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0
+    world_size: int = 1
+    scaler: object = field(default=None, repr=False)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def setup_runtime(cfg):
+    """Pick device and precision, seed everything, and join DDP when launched by torchrun."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if world_size > 1:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    device = torch.device(device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32  # bf16 autocast is slower than fp32 on most CPUs (bench.py measures it)
+    elif dtype is None:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}: auto | float32 | bfloat16 | float16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed + rank)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Runtime(device=device, dtype=dtype, rank=rank, world_size=world_size, scaler=scaler)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print_config(cfg):
+    print(f"{type(cfg).__name__}:")
+    for k, v in dataclasses.asdict(cfg).items():
+        print(f"  {k} = {v!r}")

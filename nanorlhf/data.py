@@ -1,0 +1,225 @@
+"""Corpus -> stories -> (prompt, response) -> token batches.
+
+A story's prompt is its first sentence (two if the first is very short); its
+response is the rest of the story, ending with <|endoftext|>. Prompts are left
+padded, responses right padded, so every response starts in the same column.
+"""
+import hashlib
+import os
+import re
+import sys
+import urllib.request
+import warnings
+
+import numpy as np
+import torch
+
+from nanorlhf.checkpoint import atomic_write
+from nanorlhf.tokenizer import EOT, tokenizer_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(REPO, "data")
+SAMPLE = os.path.join(DATA_DIR, "tinystories_sample.txt")
+# The full TinyStories (Eldan & Li 2023, CDLA-Sharing-1.0), stories separated by <|endoftext|>.
+FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt"
+# A paragraph that opens a new story in the blank-line separated sample.
+STORY_OPENING = re.compile(r"^(Once\b|There (once )?(was|were|lived)\b|Long ago\b|One day, (a|an|there)\b)")
+SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]["”])\s+')
+
+
+def corpus_path(dataset):
+    if dataset == "sample":
+        return SAMPLE
+    if dataset == "tinystories_full":
+        return download(FULL_URL, os.path.join(DATA_DIR, "TinyStoriesV2-GPT4-train.txt"))
+    return dataset  # a path to the user's own text file
+
+
+def load_corpus(dataset):
+    path = corpus_path(dataset)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"corpus file {path} not found: use --dataset sample (bundled), "
+                                f"--dataset tinystories_full (downloads), or the path of a text file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"corpus file {path} is empty: it needs stories separated by blank lines "
+                         f"or by {EOT}")
+    return text
+
+
+def split_stories(text):
+    """Stories of a corpus. With <|endoftext|> separators (the full TinyStories files)
+    that is exact; in the blank-line sample a story starts at a paragraph that opens one
+    ("Once upon a time", "There was", ...), and text before the first opening is skipped."""
+    if EOT in text:
+        return [s.strip() for s in text.split(EOT) if s.strip()]
+    stories = []
+    for para in (p.strip() for p in re.split(r"\n\s*\n", text)):
+        if not para:
+            continue
+        if STORY_OPENING.match(para):
+            stories.append(para)
+        elif stories:
+            stories[-1] += "\n\n" + para
+    return stories
+
+
+def split_prompt(story, min_words=6):
+    """(prompt, response): the first sentence (plus the next if it has < min_words words), the rest."""
+    sentences = SENTENCE_END.split(story, maxsplit=2)
+    n = 2 if len(sentences) > 2 and len(sentences[0].split()) < min_words else 1
+    prompt = " ".join(sentences[:n])
+    return prompt, story[len(prompt):]
+
+
+def is_validation(story, val_percent=10):
+    """Deterministic held-out split by story content (stable when the corpus grows)."""
+    return int(hashlib.sha1(story.encode()).hexdigest(), 16) % 100 < val_percent
+
+
+def train_val_stories(text):
+    stories = split_stories(text)
+    if len(stories) < 10:
+        raise ValueError(f"the corpus has only {len(stories)} stories; nanorlhf needs at least 10")
+    val = [s for s in stories if is_validation(s)]
+    train = [s for s in stories if not is_validation(s)]
+    return train, val
+
+
+# ---------------------------------------------------------------------------
+# tokenised stories, cached on disk and rebuilt when the corpus or tokenizer changes
+
+def encode_stories(enc, stories, cache_dir=os.path.join(DATA_DIR, "cache")):
+    """Each story as prompt + response + <|endoftext|> tokens, and each prompt's length.
+    Returns (list of int arrays, prompt_lengths array). Cached as a flat memmap."""
+    state = tokenizer_state(enc)
+    key = hashlib.sha256(("\x00".join(stories) + repr(sorted(state.items()))).encode()).hexdigest()[:16]
+    tok_path, off_path = (os.path.join(cache_dir, f"{key}.{x}.npy") for x in ("tokens", "offsets"))
+    if not (os.path.exists(tok_path) and os.path.exists(off_path)):
+        seqs, prompt_lens = [], []
+        for story in stories:
+            prompt, response = split_prompt(story)
+            p = enc.encode_ordinary(prompt)
+            seqs.append(p + enc.encode_ordinary(response) + [enc.eot_token])
+            prompt_lens.append(len(p))
+        lengths = np.array([len(s) for s in seqs])
+        offsets = np.stack([np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths, prompt_lens], 1)
+        flat = np.concatenate([np.array(s, dtype=np.uint32) for s in seqs])
+        atomic_write(tok_path, lambda f: np.save(f, flat))
+        atomic_write(off_path, lambda f: np.save(f, offsets))
+    flat = np.load(tok_path, mmap_mode="r")
+    offsets = np.load(off_path)
+    return [flat[o:o + n] for o, n, _ in offsets], offsets[:, 2].copy()
+
+
+def left_pad(seqs, pad_id, device="cpu"):
+    """List of token lists -> (B, P) tokens padded on the left with pad_id, and the mask."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            tokens[i, width - len(s):] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+            mask[i, width - len(s):] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def right_pad(seqs, pad_id, device="cpu"):
+    """List of token lists -> (B, N) tokens padded on the right with pad_id, and the mask."""
+    width = max(max(len(s) for s in seqs), 1)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            tokens[i, :len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+            mask[i, :len(s)] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def encode_prompts(enc, prompts, max_prompt_tokens):
+    """Token lists of prompts, each cut to its last max_prompt_tokens tokens with a warning."""
+    out, cut = [], 0
+    for p in prompts:
+        ids = enc.encode_ordinary(p)
+        if len(ids) > max_prompt_tokens:
+            ids, cut = ids[-max_prompt_tokens:], cut + 1
+        out.append(ids)
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts were longer than max_prompt_tokens={max_prompt_tokens} "
+                      f"and were cut to their last {max_prompt_tokens} tokens")
+    return out
+
+
+def story_batch(seqs, prompt_lens, rows, block_size, pad_id, loss_on_response):
+    """SFT batch of whole stories, right padded: inputs x, targets y, loss mask (B, T).
+    Stories longer than block_size + 1 tokens are cut."""
+    chunks = [np.asarray(seqs[i][:block_size + 1], dtype=np.int64) for i in rows]
+    tokens, mask = right_pad(chunks, pad_id)
+    x, y, loss_mask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:].clone()
+    if loss_on_response:  # targets inside the prompt do not count
+        for b, i in enumerate(rows):
+            loss_mask[b, :max(int(prompt_lens[i]) - 1, 0)] = 0
+    return x, y, loss_mask
+
+
+# ---------------------------------------------------------------------------
+
+def download(url, path, sha256=None, chunk=1 << 20):
+    """Download url to path with a progress line, resuming a partial path.part (HTTP Range),
+    then check the sha256 (given, or recorded in path.sha256 on the first download)."""
+    if os.path.exists(path) and _verify(path, sha256):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = path + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except OSError as e:
+        raise RuntimeError(f"could not download {url} ({e}). It needs internet; or put the file at {path}, "
+                           f"or pass --dataset PATH to a local text file") from e
+    with response:
+        if done and response.status != 206:  # the server ignored the range: start again
+            done = 0
+        total = done + int(response.headers.get("Content-Length", 0))
+        with open(part, "ab" if done else "wb") as f:
+            while block := response.read(chunk):
+                f.write(block)
+                done += len(block)
+                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB",
+                      end="", file=sys.stderr, flush=True)
+            f.flush()
+            os.fsync(f.fileno())
+    print(file=sys.stderr)
+    if total and done != total:
+        raise RuntimeError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
+    digest = _sha256(part)
+    if sha256 and digest != sha256:
+        os.remove(part)
+        raise RuntimeError(f"{url} has sha256 {digest}, expected {sha256}: the partial file was removed, "
+                           f"run again")
+    os.replace(part, path)
+    atomic_write(path + ".sha256", lambda f: f.write(digest.encode()))
+    return path
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path, sha256):
+    """A finished download is trusted when its checksum matches the expected or recorded one."""
+    recorded = sha256
+    if recorded is None and os.path.exists(path + ".sha256"):
+        with open(path + ".sha256") as f:
+            recorded = f.read().strip()
+    if recorded is None:
+        return True  # a file the user put there by hand
+    if _sha256(path) != recorded:
+        raise RuntimeError(f"{path} does not match its checksum {recorded}: delete it and download again")
+    return True

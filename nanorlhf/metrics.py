@@ -1,0 +1,83 @@
+"""One console line per step, the same keys in a JSONL log, and matplotlib plots."""
+import json
+import os
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class MetricsLog:
+    """log(step, **metrics) prints `step 40 | loss 2.31 | kl 4.9 | ...` and appends the
+    same record to out_dir/metrics.jsonl. enabled=False (DDP ranks > 0) does nothing."""
+
+    def __init__(self, out_dir, resume=False, enabled=True):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            if not resume and os.path.exists(self.path):
+                os.remove(self.path)
+
+    def log(self, step, quiet=False, **metrics):
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}}
+        if not quiet:
+            print(" | ".join(f"{k} {_fmt(v)}" for k, v in record.items()), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(path, groups, png, title=""):
+    """Plot metrics.jsonl: groups is a list of lists of keys, one panel per group."""
+    records = read_metrics(path)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, keys in zip(axes[0], groups):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label=key)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def print_samples(rows, width=100, max_chars=400):
+    """rows: dicts with "prompt", "response" and any scores; printed as a readable table."""
+    print("-" * width)
+    for row in rows:
+        scores = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("prompt", "response"))
+        print(textwrap.fill("PROMPT: " + row["prompt"], width))
+        print(textwrap.fill("RESPONSE: " + row["response"][:max_chars], width, subsequent_indent="  "))
+        if scores:
+            print("  [" + scores + "]")
+        print("-" * width)
+
+
+def spearman(x, y):
+    """Spearman rank correlation (ties ranked by position; fine for continuous scores)."""
+    import numpy as np
+    rx = np.argsort(np.argsort(np.asarray(x, dtype=float)))
+    ry = np.argsort(np.argsort(np.asarray(y, dtype=float)))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

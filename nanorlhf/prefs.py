@@ -1,0 +1,115 @@
+"""Preference files: JSONL, one comparison per line.
+
+Two row shapes are read:
+  {"prompt": ..., "chosen": ..., "rejected": ..., ...metadata}    our own files
+  {"chosen": ..., "rejected": ...}                                  Anthropic-HH style: both texts
+                                                                    start with the same conversation
+For HH rows the prompt is the longest common prefix of the two texts, cut back to end at
+whitespace (so no word is split), and chosen/rejected become the remainders.
+
+Rules (reading is all-or-nothing: a broken file stops the run before it starts):
+  * every non-blank line is a JSON object; blank lines are skipped
+  * "chosen" and "rejected" are non-empty strings, and differ
+  * "prompt", when present, is a string; it may be empty (a reward model can score a bare
+    response, and HH rows whose texts share no prefix get an empty prompt too)
+  * "weight", when present, is a positive number; it defaults to 1.0
+  * other keys are kept as metadata
+"""
+import json
+import math
+import os
+import tempfile
+
+
+class PreferenceFileError(ValueError):
+    pass
+
+
+def split_hh(chosen, rejected):
+    """-> (prompt, chosen_rest, rejected_rest) with prompt + chosen_rest == chosen.
+
+    The prompt is the longest common prefix cut back until it ends at whitespace
+    and leaves both remainders non-empty; "" if there is no such prefix.
+    """
+    cut = 0
+    while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
+        cut += 1
+    while cut > 0 and not (chosen[cut - 1].isspace() and cut < len(chosen) and cut < len(rejected)):
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _check_row(row):
+    """The problem with one parsed row, or None if it is fine."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            return f"missing key '{key}'"
+        if not isinstance(row[key], str) or not row[key]:
+            return f"'{key}' must be a non-empty string"
+    if row["chosen"] == row["rejected"]:
+        return "'chosen' and 'rejected' are the same text"
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        return "'prompt' must be a string"
+    weight = row.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+        return f"'weight' must be a positive number, got {weight!r}"
+    return None
+
+
+def _normalise(row):
+    row = dict(row)
+    if "prompt" not in row:
+        row["prompt"], row["chosen"], row["rejected"] = split_hh(row["chosen"], row["rejected"])
+    row["weight"] = float(row.get("weight", 1.0))
+    return row
+
+
+def read_prefs(path):
+    """Read and validate a preference file -> list of {"prompt", "chosen", "rejected", "weight", ...}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PreferenceFileError(f"no preference file at {path}: pass a JSONL file of "
+                                  '{"prompt", "chosen", "rejected"} rows') from None
+    except UnicodeDecodeError as e:
+        raise PreferenceFileError(f"{path}: not UTF-8 text ({e})") from None
+    rows, problems = [], []
+    for line_no, line in enumerate(text.split("\n"), start=1):  # JSON strings cannot hold a raw "\n"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {line_no}: not valid JSON: {e}")
+            continue
+        problem = _check_row(row)
+        if problem:
+            problems.append(f"line {line_no}: {problem}")
+        else:
+            rows.append(_normalise(row))
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise PreferenceFileError(f"{path}: {len(problems)} bad row(s); fix them and rerun:\n  {shown}")
+    if not rows:
+        raise PreferenceFileError(f"{path}: the file has no rows; expected one JSON object per line")
+    return rows
+
+
+def write_prefs(path, rows):
+    """Write rows as JSONL atomically: a temp file in the same folder, fsync, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prefs-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

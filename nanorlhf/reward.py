@@ -1,0 +1,75 @@
+"""The reward model: a transformer with a scalar head, read at the last real token,
+trained on pairwise preferences with the Bradley-Terry loss.
+
+Bradley & Terry 1952; as a reward model: Christiano et al. 2017, Ziegler et al. 2019,
+Ouyang et al. 2022 (InstructGPT, Eq. 1).
+"""
+import torch
+import torch.nn.functional as F
+
+from nanorlhf.data import encode_prompts, left_pad, right_pad
+from nanorlhf.model import join_prompt_response
+from nanorlhf.ppo import last_token_index
+
+
+# P(chosen > rejected) = sigmoid(r_c - r_r);  loss = -log sigmoid(r_c - r_r), averaged
+def bradley_terry_loss(r_chosen, r_rejected, weights=None):
+    """r_chosen, r_rejected (B,) -> scalar. weights (B,) give a weighted mean
+    (InstructGPT weighs each of a prompt's C(k,2) pairs by 1/C(k,2))."""
+    # BEGIN ASSIGNMENT bradley_terry_loss
+    losses = -F.logsigmoid(r_chosen - r_rejected)
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum()
+    # END ASSIGNMENT
+
+
+def last_real_index(prompt_mask, response_mask):
+    """Column of the last real token of left-padded prompt + right-padded response (B,):
+    the last response token, or the last prompt column when the response is empty."""
+    # BEGIN ASSIGNMENT reward_readout
+    P = prompt_mask.size(1)
+    last = last_token_index(response_mask)  # (B,), -1 for an empty response
+    return torch.where(last >= 0, P + last, torch.full_like(last, P - 1))
+    # END ASSIGNMENT
+
+
+def score(model, prompt, prompt_mask, response, response_mask):
+    """Raw scalar reward of each (prompt, response) (B,), read at the last real token."""
+    idx, mask, pos = join_prompt_response(prompt, prompt_mask, response, response_mask)
+    values = model(idx, position_ids=pos, attention_mask=mask)  # (B, P+N)
+    return values.float().gather(1, last_real_index(prompt_mask, response_mask)[:, None]).squeeze(1)
+
+
+def encode_pairs(enc, rows, max_prompt_tokens, max_response_tokens, device):
+    """Preference rows -> prompt (B, P), chosen (B, N), rejected (B, N) tensors with masks.
+    Responses are cut to max_response_tokens and end with <|endoftext|> when they ended."""
+    prompts = encode_prompts(enc, [r["prompt"] for r in rows], max_prompt_tokens)
+
+    def response_ids(row, key):
+        ids = enc.encode_ordinary(row[key])
+        if row.get(f"{key}_ended", True):
+            ids = ids + [enc.eot_token]
+        return ids[:max_response_tokens]
+
+    prompt, prompt_mask = left_pad(prompts, enc.eot_token, device)
+    chosen, chosen_mask = right_pad([response_ids(r, "chosen") for r in rows], enc.eot_token, device)
+    rejected, rejected_mask = right_pad([response_ids(r, "rejected") for r in rows], enc.eot_token, device)
+    return prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask
+
+
+def pair_scores(model, batch):
+    """Scores of chosen and rejected in one forward pass of 2B rows -> (B,), (B,)."""
+    prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask = batch
+    width = max(chosen.size(1), rejected.size(1))
+    pad = lambda t: F.pad(t, (0, width - t.size(1)))  # right-pad to a common width (mask 0 there)
+    both = score(model, torch.cat([prompt, prompt]), torch.cat([prompt_mask, prompt_mask]),
+                 torch.cat([pad(chosen), pad(rejected)]), torch.cat([pad(chosen_mask), pad(rejected_mask)]))
+    return both.chunk(2)
+
+
+def normaliser(raw_scores):
+    """gain, bias so that gain * raw + bias has mean 0 and std 1 on these scores
+    (Ziegler et al. 2019 normalise the reward on samples of the initial policy)."""
+    std = raw_scores.float().std().clamp(min=1e-6)
+    return float(1.0 / std), float(-raw_scores.float().mean() / std)

@@ -1,0 +1,182 @@
+"""Stage 1 of RLHF: supervised fine-tuning (here: language modelling) on stories.
+
+python train_sft.py                 # cpu preset without a GPU, gpu preset with one
+python train_sft.py --preset tiny   # a few seconds, for tests
+python train_sft.py --resume        # continue out/sft/ckpt.pt exactly
+
+Reads top to bottom: config -> data and tokenizer -> model -> loop -> save.
+"""
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanorlhf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, CheckpointError
+from nanorlhf.config import SFTConfig, parse_config, print_config, setup_runtime
+from nanorlhf.data import DATA_DIR, encode_prompts, encode_stories, left_pad, load_corpus, split_prompt, \
+    story_batch, train_val_stories
+from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
+from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
+from nanorlhf.sampler import generate
+from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
+from nanorlhf.train import all_reduce_mean, backward, make_optimizer, optimizer_step, unwrap, wrap_ddp
+
+cfg = parse_config(SFTConfig, "sft", description=__doc__)
+rt = setup_runtime(cfg)
+if rt.is_main:
+    print_config(cfg)
+    print(f"device {rt.device} | precision {rt.dtype} | processes {rt.world_size}")
+
+# ---------------------------------------------------------------- resume?
+resume_ckpt = None
+if cfg.resume:
+    try:
+        resume_ckpt = load_checkpoint(cfg.out_dir, "sft")
+    except CheckpointError as e:
+        raise SystemExit(f"--resume: {e}")
+
+# ---------------------------------------------------------------- data and tokenizer
+text = load_corpus(cfg.dataset)
+train_stories, val_stories = train_val_stories(text)
+t0 = time.time()
+if resume_ckpt is not None:
+    enc = tokenizer_from_state(resume_ckpt["tokenizer"])  # the tokenizer the run started with
+else:
+    tok_text = text[:cfg.tokenizer_chars] if cfg.tokenizer_chars else text
+    enc = get_tokenizer(cfg.tokenizer, tok_text, cfg.vocab_size,
+                        os.path.join(DATA_DIR, "cache", f"tokenizer-{cfg.tokenizer}-{cfg.vocab_size}.json"))
+train_seqs, train_prompt_lens = encode_stories(enc, train_stories)
+val_seqs, val_prompt_lens = encode_stories(enc, val_stories)
+n_train_tokens = sum(len(s) for s in train_seqs)
+# unigram entropy H = -sum_v p(v) log p(v) of the training tokens: what a model that ignores context scores
+counts = np.bincount(np.concatenate(train_seqs), minlength=enc.n_vocab).astype(np.float64)
+p = counts[counts > 0] / counts.sum()
+unigram_entropy = float(-(p * np.log(p)).sum())
+if rt.is_main:
+    print(f"{len(train_stories)} train / {len(val_stories)} validation stories, {n_train_tokens:,} train tokens, "
+          f"vocab {enc.n_vocab} ({time.time() - t0:.1f} s) | unigram entropy {unigram_entropy:.3f} nats/token")
+
+# ---------------------------------------------------------------- model
+if cfg.init_from == "gpt2":
+    if cfg.tokenizer != "gpt2":
+        raise SystemExit("--init_from gpt2 needs --tokenizer gpt2 (GPT-2's own vocabulary)")
+    model = load_pretrained_gpt2("gpt2")
+    model_config = model.config
+elif cfg.init_from == "scratch":
+    model_config = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.sft_dropout)
+    model = GPT(model_config)
+else:
+    raise SystemExit(f"unknown --init_from {cfg.init_from!r}: scratch | gpt2")
+loss_on_response = cfg.loss_on == "response" or (cfg.loss_on == "auto" and cfg.init_from != "scratch")
+model.to(rt.device)
+optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
+step = 0
+data_rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its slice of a global batch
+if resume_ckpt is not None:
+    model.load_state_dict(resume_ckpt["model"])
+    optimizer.load_state_dict(resume_ckpt["optimizer"])
+    step = resume_ckpt["step"]
+    data_rng.bit_generator.state = resume_ckpt["data_rng"]
+    set_rng_state(resume_ckpt["rng"])
+    print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+if cfg.compile:
+    model = torch.compile(model)
+model = wrap_ddp(model, rt)
+if rt.is_main:
+    print(f"model: {unwrap(model).num_params() / 1e6:.2f}M parameters | loss on "
+          f"{'response tokens' if loss_on_response else 'whole stories'}")
+
+
+def lr_at(it):
+    # linear warmup, then cosine decay from lr to min_lr
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = min((it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1), 1.0)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def batch_loss(seqs, prompt_lens, rows):
+    x, y, loss_mask = story_batch(seqs, prompt_lens, rows, cfg.block_size, enc.eot_token, loss_on_response)
+    x, y, loss_mask = x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
+    with rt.autocast():
+        logits = model(x)  # (B, T, V); right padding needs no attention mask under a causal mask
+    # cross-entropy in fp32, averaged over the tokens that count
+    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def validation_loss():
+    model.eval()
+    rng = np.random.default_rng(0)  # the same validation batches every time
+    losses = [batch_loss(val_seqs, val_prompt_lens, rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size])
+              for _ in range(cfg.eval_iters)]
+    model.train()
+    return float(all_reduce_mean(torch.stack(losses).mean(), rt))
+
+
+def print_continuations(n=2):
+    model.eval()
+    prompts = [split_prompt(s)[0] for s in val_stories[:n]]
+    tokens, mask = left_pad(encode_prompts(enc, prompts, cfg.max_prompt_tokens), enc.eot_token, rt.device)
+    with rt.autocast():
+        out = generate(unwrap(model), tokens, mask, cfg.max_new_tokens, temperature=cfg.temperature,
+                       eos_id=enc.eot_token, generator=torch.Generator(rt.device).manual_seed(cfg.seed))
+    model.train()
+    print_samples([{"prompt": p, "response": enc.decode(t[m.bool()].tolist())}
+                   for p, t, m in zip(prompts, out["tokens"].cpu(), out["mask"].cpu())])
+
+
+def save():
+    if not rt.is_main:
+        return
+    state = unwrap(model).state_dict()
+    save_checkpoint(cfg.out_dir, {
+        "stage": "sft", "model": state, "model_config": {**asdict(unwrap(model).config), "dropout": 0.0},
+        "config": asdict(cfg), "tokenizer": tokenizer_state(enc), "step": step,
+        "optimizer": optimizer.state_dict(), "rng": rng_state(), "data_rng": data_rng.bit_generator.state,
+        "val_loss": val_loss, "unigram_entropy": unigram_entropy})
+
+
+# ---------------------------------------------------------------- training loop
+log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
+model.train()
+val_loss = None
+t_last = time.time()
+while step < cfg.max_iters:
+    lr = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        rows = data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size]
+        loss = batch_loss(train_seqs, train_prompt_lens, rows) / cfg.grad_accum
+        backward(loss, rt)
+        total += loss.detach()
+    finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
+    step += 1
+    metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm}
+    if step % cfg.eval_every == 0 or step == cfg.max_iters:
+        val_loss = validation_loss()
+        metrics.update(val_loss=val_loss, unigram_entropy=unigram_entropy)
+    metrics["time_s"] = time.time() - t_last
+    t_last = time.time()
+    if step % cfg.log_every == 0 or "val_loss" in metrics:
+        log.log(step, **metrics)
+    if "val_loss" in metrics:
+        save()
+    if rt.is_main and (step % cfg.sample_every == 0 or step == cfg.max_iters):
+        print_continuations()
+
+if rt.is_main:
+    plot_metrics(log.path, [["loss", "val_loss", "unigram_entropy"]], os.path.join(cfg.out_dir, "loss.png"),
+                 "SFT loss (nats/token)")
+    print(f"done: validation loss {val_loss:.3f} nats/token vs unigram entropy {unigram_entropy:.3f} "
+          f"({unigram_entropy - val_loss:.2f} below) | saved {cfg.out_dir}/ckpt.pt and loss.png")
+if rt.world_size > 1:
+    torch.distributed.destroy_process_group()
