@@ -31,7 +31,8 @@ PRESETS = {
                     max_new_tokens=224),
         "sft": dict(max_iters=600, batch_size=16, eval_every=100, eval_iters=8, sample_every=100, warmup_iters=50),
         "rm": dict(n_prompts=600, k_responses=2, batch_size=32, epochs=2, norm_samples=256, eval_samples=256),
-        "ppo": dict(iterations=40, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5),
+        "ppo": dict(iterations=30, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5, lr=5e-5,
+                    value_lr=1e-4),
         "dpo": dict(max_iters=200, batch_size=16),
     },
     "gpu": {
