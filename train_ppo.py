@@ -88,7 +88,10 @@ if cfg.resume:
 policy_ddp, value_ddp = wrap_ddp(policy, rt), wrap_ddp(value_model, rt)
 
 # ---------------------------------------------------------------- prompts
-train_stories, val_stories = train_val_stories(load_corpus(cfg.dataset))
+try:
+    train_stories, val_stories = train_val_stories(load_corpus(cfg.dataset))
+except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
+    raise SystemExit(str(e))
 train_prompts = [split_prompt(s)[0] for s in train_stories]
 eval_prompts = [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(cfg.eval_prompts)]
 per_rank = cfg.rollout_batch // rt.world_size

@@ -40,8 +40,11 @@ generator = torch.Generator(rt.device).manual_seed(cfg.seed)  # every sample thi
 max_response = cfg.max_new_tokens + 1
 
 # ---------------------------------------------------------------- preference pairs
-text = load_corpus(cfg.dataset)
-train_stories, val_stories = train_val_stories(text)
+try:
+    text = load_corpus(cfg.dataset)
+    train_stories, val_stories = train_val_stories(text)
+except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
+    raise SystemExit(str(e))
 train_prompts = [split_prompt(s)[0] for s in train_stories]
 val_prompts = [split_prompt(s)[0] for s in val_stories]
 prefs_path = os.path.join(cfg.out_dir, "prefs.jsonl")

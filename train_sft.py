@@ -40,8 +40,11 @@ if cfg.resume:
         raise SystemExit(f"--resume: {e}")
 
 # ---------------------------------------------------------------- data and tokenizer
-text = load_corpus(cfg.dataset)
-train_stories, val_stories = train_val_stories(text)
+try:
+    text = load_corpus(cfg.dataset)
+    train_stories, val_stories = train_val_stories(text)
+except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
+    raise SystemExit(str(e))
 t0 = time.time()
 if resume_ckpt is not None:
     enc = tokenizer_from_state(resume_ckpt["tokenizer"])  # the tokenizer the run started with

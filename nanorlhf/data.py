@@ -67,10 +67,12 @@ def split_stories(text):
 
 def split_prompt(story, min_words=6):
     """(prompt, response): the first sentence (plus the next if it has < min_words words), the rest."""
-    sentences = SENTENCE_END.split(story, maxsplit=2)
-    n = 2 if len(sentences) > 2 and len(sentences[0].split()) < min_words else 1
-    prompt = " ".join(sentences[:n])
-    return prompt, story[len(prompt):]
+    gaps = [m.start() for m in SENTENCE_END.finditer(story)][:2]  # where sentences 1 and 2 end
+    if not gaps:
+        return story, ""
+    n = 2 if len(gaps) > 1 and len(story[:gaps[0]].split()) < min_words else 1
+    # cut the story itself, so prompt + response == story whatever whitespace lies between sentences
+    return story[:gaps[n - 1]], story[gaps[n - 1]:]
 
 
 def is_validation(story, val_percent=10):
@@ -84,6 +86,8 @@ def train_val_stories(text):
         raise ValueError(f"the corpus has only {len(stories)} stories; nanorlhf needs at least 10")
     val = [s for s in stories if is_validation(s)]
     train = [s for s in stories if not is_validation(s)]
+    if not val:  # a small corpus may hash no story into validation: hold out the last one
+        val, train = train[-1:], train[:-1]
     return train, val
 
 
@@ -177,23 +181,13 @@ def download(url, path, sha256=None, chunk=1 << 20):
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except OSError as e:
-        raise RuntimeError(f"could not download {url} ({e}). It needs internet; or put the file at {path}, "
-                           f"or pass --dataset PATH to a local text file") from e
-    with response:
-        if done and response.status != 206:  # the server ignored the range: start again
-            done = 0
-        total = done + int(response.headers.get("Content-Length", 0))
-        with open(part, "ab" if done else "wb") as f:
-            while block := response.read(chunk):
-                f.write(block)
-                done += len(block)
-                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB",
-                      end="", file=sys.stderr, flush=True)
-            f.flush()
-            os.fsync(f.fileno())
-    print(file=sys.stderr)
-    if total and done != total:
-        raise RuntimeError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
+        if not (done and getattr(e, "code", None) == 416):  # 416: nothing past the partial file; it is whole
+            raise RuntimeError(f"could not download {url} ({e}). It needs internet; or put the file at {path}, "
+                               f"or pass --dataset PATH to a local text file") from e
+        response = None
+    if response is not None:
+        with response:
+            _receive(response, part, done, chunk, url)
     digest = _sha256(part)
     if sha256 and digest != sha256:
         os.remove(part)
@@ -202,6 +196,25 @@ def download(url, path, sha256=None, chunk=1 << 20):
     os.replace(part, path)
     atomic_write(path + ".sha256", lambda f: f.write(digest.encode()))
     return path
+
+
+def _receive(response, part, done, chunk, url):
+    """Append the body of response to part (which holds done bytes), with a progress line."""
+    if done and response.status != 206:  # the server ignored the range: start again
+        done = 0
+    total = done + int(response.headers.get("Content-Length", 0))
+    name = os.path.basename(part).removesuffix(".part")
+    with open(part, "ab" if done else "wb") as f:
+        while block := response.read(chunk):
+            f.write(block)
+            done += len(block)
+            print(f"\rdownloading {name}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB",
+                  end="", file=sys.stderr, flush=True)
+        f.flush()
+        os.fsync(f.fileno())
+    print(file=sys.stderr)
+    if total and done != total:
+        raise RuntimeError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
 
 
 def _sha256(path):

@@ -29,6 +29,7 @@ NO_END_PENALTY = 0.5
 EMPTY_PENALTY = 0.5
 
 EOT = "<|endoftext|>"
+SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]["”])\s+')
 INTENSIFIERS = {"very", "so", "really", "super"}  # the "flowery" bias also counts "!"
 
 _analyzer = None  # VADER's SentimentIntensityAnalyzer, created on first use
@@ -38,13 +39,22 @@ def _words(text):
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-@functools.lru_cache(maxsize=1 << 16)  # pairs and rater pools score the same text many times
-def _sentiment(text):
+def _compound(sentence):
     global _analyzer
     if _analyzer is None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         _analyzer = SentimentIntensityAnalyzer()
-    return _analyzer.polarity_scores(text)["compound"]  # in [-1, 1]
+    return _analyzer.polarity_scores(sentence)["compound"]  # in [-1, 1]
+
+
+@functools.lru_cache(maxsize=1 << 16)  # pairs and rater pools score the same text many times
+def _sentiment(text):
+    """Mean VADER compound score of the sentences, in [-1, 1]. The compound score of a
+    whole text is a normalised sum that saturates as text grows (x / sqrt(x^2 + 15)): 65%
+    of the corpus's story continuations score above 0.95 as one text, which would leave
+    no room to measure a happier story. Per sentence, it does not saturate."""
+    sentences = [s for s in SENTENCE_END.split(text.strip()) if s.strip()]
+    return sum(_compound(s) for s in sentences) / len(sentences) if sentences else 0.0
 
 
 def repeat_share(words):

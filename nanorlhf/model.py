@@ -30,23 +30,43 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer, preallocated once for the whole rollout
     (B, nh, max_len, hd): decoding writes one column per step instead of growing
-    tensors with cat, and every step sees the same shapes (CUDA-graph friendly).
-    Column j of the cache holds position j of the left-padded sequence."""
+    tensors with cat. Column j of the cache holds position j of the left-padded sequence.
+    static_shapes False: attention reads the filled columns only (fewest bytes, eager mode).
+    static_shapes True: attention reads all max_len columns (unfilled ones masked), so every
+    step has the same shapes, as torch.compile and CUDA graphs want."""
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device, dtype, static_shapes=False):
+        # one tensor per layer: torch.compile then updates each in place instead of copying the whole stack
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
+        self.static_shapes = static_shapes
         self.pos = 0  # columns filled so far (python-side bookkeeping)
         # the same count as a device tensor, advanced in place, so that a captured CUDA graph replays correctly
         self.next_column = torch.zeros(1, dtype=torch.long, device=device)
 
+    def reset(self):
+        """Empty again, keeping the buffers (and their addresses, which a CUDA graph replays)."""
+        self.pos = 0
+        self.next_column.zero_()
+
+    def key_width(self, T):
+        """How many cache columns the attention reads once T new tokens are written."""
+        return self.max_len if self.static_shapes else self.pos + T
+
     def update(self, layer, k, v, columns):
-        # k, v: (B, nh, T, hd) for the new columns (T,) -> the whole cache (B, nh, max_len, hd)
-        self.k[layer].index_copy_(2, columns, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, columns, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+        # k, v: (B, nh, T, hd) for the new columns (T,) -> the cached keys/values (B, nh, key_width, hd)
+        T = k.size(2)
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if self.static_shapes:  # columns from the device counter: a replayed CUDA graph writes the right ones
+            k_cache.index_copy_(2, columns, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, columns, v.to(v_cache.dtype))
+        else:  # the same columns from the python count: a plain strided copy, several times faster on CPU
+            k_cache[:, :, self.pos:self.pos + T] = k
+            v_cache[:, :, self.pos:self.pos + T] = v
+        width = self.key_width(T)
+        return k_cache[:, :, :width], v_cache[:, :, :width]
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,11 +162,11 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def new_kv_cache(self, batch_size, max_len, dtype=None):
+    def new_kv_cache(self, batch_size, max_len, dtype=None, static_shapes=False):
         c = self.config
         dtype = dtype or self.transformer.wte.weight.dtype
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                       self.transformer.wte.weight.device, dtype)
+                       self.transformer.wte.weight.device, dtype, static_shapes)
 
     def hidden_states(self, idx, position_ids=None, attention_mask=None, kv_cache=None):
         """Final-LayerNorm hidden states (B, T, C). idx (B, T) are the new tokens;
@@ -164,8 +184,10 @@ class GPT(nn.Module):
         columns = torch.arange(T, device=idx.device)  # (T,) cache columns of the new tokens
         if kv_cache is not None:
             columns = columns + kv_cache.next_column
-        if kv_cache is not None and attention_mask.size(1) < kv_cache.max_len:  # unfilled columns are not keys
-            attention_mask = F.pad(attention_mask, (0, kv_cache.max_len - attention_mask.size(1)))
+            width = kv_cache.key_width(T)  # the mask covers exactly the key columns the attention reads
+            if attention_mask.size(1) < width:  # unfilled columns are not keys
+                attention_mask = F.pad(attention_mask, (0, width - attention_mask.size(1)))
+            attention_mask = attention_mask[:, :width]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         attn_bias = attention_bias(attention_mask, columns, x.dtype)
         for layer, block in enumerate(self.transformer.h):

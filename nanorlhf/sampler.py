@@ -1,10 +1,17 @@
 """Batched sampling with a KV cache: the rollout engine of RLHF.
 
 One prefill pass over the left-padded prompts, then one token per step for
-every row at once from a preallocated cache. No host-device synchronisation in
-the loop except a cheap all-finished check every few steps. Rows that emitted
-<|endoftext|> keep emitting it (masked out), so shapes never change.
+every row at once from a cache preallocated for the whole rollout. No
+host-device synchronisation in the loop except a cheap all-finished check every
+few steps. Rows that emitted <|endoftext|> keep emitting it (masked out), so
+shapes never change. Logprobs of the drawn tokens come from the same pass.
+
+On a GPU the decode step can be compiled or captured in a CUDA graph
+(make_decode_step); bench.py measures all of it against a no-cache loop and
+Hugging Face generate.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -30,12 +37,25 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     """Draw one token per row from softmax(filtered logits / temperature).
     Returns the tokens (B,) and their logprobs under the unfiltered temperature-scaled
     distribution (B,): the quantity PPO's training pass recomputes."""
-    logits = logits.float() / temperature  # (B, V)
-    probs = filter_logits(logits, top_k, top_p).softmax(-1)
-    # exponential race: argmax(p / E), E ~ Exp(1), is a draw from p (same law as multinomial, no sync)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    token = (probs / noise).argmax(-1)  # (B,)
-    return token, logprobs_from_logits(logits[:, None], token[:, None])[:, 0]
+    logits = logits.float()  # (B, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = F.log_softmax(logits, dim=-1)  # (B, V)
+    filtered = filter_logits(logits, top_k, top_p)
+    probs = logprobs.exp() if filtered is logits else filtered.softmax(-1)  # (B, V)
+    token = _inverse_cdf_draw(probs, generator)
+    if filtered is not logits:  # a cut token has probability 0; a GPU's parallel cumsum could still round onto one
+        token = torch.where(probs.gather(-1, token[:, None])[:, 0] > 0, token, probs.argmax(-1))
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def _inverse_cdf_draw(probs, generator=None):
+    """The first token whose cumulative probability reaches u * total, u ~ U(0, 1]: one random
+    number per row (not one per vocabulary entry, as Gumbel-max needs) and no host sync.
+    u > 0, so a leading token of probability 0 is never reached; u <= 1, so neither is a trailing one."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = 1.0 - torch.rand(probs.size(0), 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0]  # (B,)
 
 
 def _check_lengths(model, prompt_tokens, max_new_tokens):
@@ -59,25 +79,26 @@ def generate(model, prompt_tokens, prompt_mask, max_new_tokens, temperature=1.0,
              top_k=None, top_p=None, eos_id=None, generator=None, check_every=8, decode_step=None):
     """Sample continuations of left-padded prompts (B, P).
     Returns {"tokens": (B, N), "mask": (B, N), "logprobs": (B, N)}, N <= max_new_tokens.
-    decode_step: optional faster replacement of one cached decode step (compiled or
-    CUDA-graph, see make_decode_step); None uses the model directly."""
+    decode_step: make_decode_step(model, "compile" | "cuda_graph") for a faster decode step
+    on a GPU; None runs the model op by op."""
     if eos_id is None:
         raise ValueError("generate needs eos_id (the tokenizer's eot_token)")
     _check_lengths(model, prompt_tokens, max_new_tokens)
     with torch.inference_mode():
         out = _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_k, top_p,
-                           eos_id, generator, check_every, decode_step)
+                           eos_id, generator, check_every, decode_step or EagerDecodeStep(model))
     return {k: v.clone() for k, v in out.items()}  # normal tensors again: PPO trains on them
 
 
 def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature, top_k, top_p,
                  eos_id, generator, check_every, decode_step):
     B, P = prompt_tokens.shape
+    L = P + max_new_tokens
     device = prompt_tokens.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    cache = model.new_kv_cache(B, P + max_new_tokens, dtype)
-    # the mask over every cache column, filled as we go: (B, P + max_new_tokens)
-    attn_mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
+    cache = decode_step.new_kv_cache(B, L, dtype)
+    # the mask over every cache column, filled as we go: (B, L)
+    attn_mask = torch.zeros(B, L, dtype=torch.long, device=device)
     attn_mask[:, :P] = prompt_mask
     position = prompt_mask.long().sum(1, keepdim=True)  # (B, 1) next position id of each row
     prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -92,14 +113,117 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
         finished_before.append(finished)
         finished = finished | (token == eos_id)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
-            break
+            break  # the only host sync: every check_every steps, stop once every row has ended
         attn_mask[:, P + t] = 1
-        if decode_step is None:
-            logits = model(token[:, None], position_ids=position, attention_mask=attn_mask, kv_cache=cache)[:, -1]
-        else:
-            logits = decode_step(token[:, None], position, attn_mask, cache)
+        logits = decode_step(token[:, None], position, attn_mask, cache)  # (B, V)
         position = position + 1
     return _finish(tokens, logprobs, finished_before, eos_id)
+
+
+# ---------------------------------------------------------------------------
+# The decode step: token (B, 1), position (B, 1), attn_mask (B, L), cache -> logits (B, V)
+# of the next token, the new key/value written into the cache. Three ways to run it.
+
+def make_decode_step(model, mode="eager"):
+    """mode "eager" (op by op), "compile" (torch.compile) or "cuda_graph" (capture once per
+    batch size and cache length, replay each step). Without CUDA the last two fall back to eager."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    if mode == "eager":
+        return EagerDecodeStep(model)
+    if mode not in ("compile", "cuda_graph"):
+        raise ValueError(f"unknown decode step mode {mode!r}: eager | compile | cuda_graph")
+    if not cuda:
+        print(f"decode step: {mode} needs a CUDA device; using eager")
+        return EagerDecodeStep(model)
+    return CompiledDecodeStep(model) if mode == "compile" else CUDAGraphDecodeStep(model)
+
+
+class EagerDecodeStep:
+    """The model called op by op. Its cache attends over the filled columns only."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def new_kv_cache(self, batch_size, max_len, dtype):
+        return self.model.new_kv_cache(batch_size, max_len, dtype)
+
+    def __call__(self, token, position, attn_mask, cache):
+        return self.model(token, position_ids=position, attention_mask=attn_mask, kv_cache=cache)[:, -1]
+
+
+class CompiledDecodeStep(EagerDecodeStep):
+    """torch.compile of the step over a static-shape cache: every step has the same shapes,
+    so it compiles once per batch size and cache length (fused kernels, fewer launches)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.compiled = torch.compile(super().__call__, dynamic=False)
+
+    def new_kv_cache(self, batch_size, max_len, dtype):
+        return self.model.new_kv_cache(batch_size, max_len, dtype, static_shapes=True)
+
+    def __call__(self, token, position, attn_mask, cache):
+        # a static-shape step never reads the python count cache.pos; holding it at 0 during the
+        # call keeps torch.compile from specialising on its value (and recompiling every step)
+        pos, cache.pos = cache.pos, 0
+        logits = self.compiled(token, position, attn_mask, cache)
+        cache.pos = pos + 1
+        return logits
+
+
+class CUDAGraphDecodeStep(EagerDecodeStep):
+    """The step captured in a CUDA graph once per (batch size, cache length, dtype) and replayed:
+    one launch per step instead of one per op. A replay reads and writes fixed addresses, so
+    this object owns the caches and the input buffers; each call copies its inputs in."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.graphs = {}  # (B, L, dtype) -> {"cache", "inputs", "graph", "logits"}
+        self.pool = torch.cuda.graph_pool_handle()  # the graphs share one memory pool
+
+    def new_kv_cache(self, batch_size, max_len, dtype):
+        key = (batch_size, max_len, dtype)
+        if key not in self.graphs:
+            self.graphs[key] = {"cache": self.model.new_kv_cache(batch_size, max_len, dtype, static_shapes=True)}
+        cache = self.graphs[key]["cache"]
+        cache.reset()
+        return cache
+
+    def __call__(self, token, position, attn_mask, cache):
+        entry = self.graphs[(cache.k[0].size(0), cache.max_len, cache.k[0].dtype)]
+        if "graph" not in entry:
+            self._capture(entry, token, position, attn_mask)
+        for buffer, value in zip(entry["inputs"], (token, position, attn_mask)):
+            buffer.copy_(value)
+        entry["graph"].replay()  # writes the new key/value column and advances cache.next_column
+        cache.pos += 1
+        return entry["logits"]
+
+    def _capture(self, entry, token, position, attn_mask):
+        cache = entry["cache"]
+        entry["inputs"] = inputs = (token.clone(), position.clone(), attn_mask.clone())
+        saved_pos, saved_column = cache.pos, cache.next_column.clone()
+        step = lambda: EagerDecodeStep.__call__(self, *inputs, cache)
+        with _autocast_without_cache():
+            side = torch.cuda.Stream()  # warm-up (lazy initialisation, cuBLAS workspaces) before capture
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+                    cache.pos, _ = saved_pos, cache.next_column.copy_(saved_column)
+            torch.cuda.current_stream().wait_stream(side)
+            entry["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(entry["graph"], pool=self.pool):
+                entry["logits"] = step()
+        cache.pos = saved_pos  # capture records kernels without running them: only python state moved
+
+
+def _autocast_without_cache():
+    """Autocast as enabled now, but without its weight-cast cache: a captured graph must recompute
+    the casts on replay rather than point at cached copies freed when the autocast block ends."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 @torch.no_grad()

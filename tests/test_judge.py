@@ -138,3 +138,11 @@ def test_agreement_falls_with_noise():
     noisy = inter_rater_agreement(make_rater_pool(4, 1.0, 3.0), pairs, rng)
     assert calm > 0.85 and noisy < 0.7 and calm > noisy
     assert 0.0 <= inter_rater_agreement(make_rater_pool(2, 0.1, 1.0), pairs, rng, n=10) <= 1.0
+
+
+def test_sentiment_is_the_mean_over_sentences():
+    # a whole-text compound score saturates with length; the judge averages per sentence instead
+    text = f"{HAPPY} {SAD} {HAPPY}"
+    expected = (2 * vader(HAPPY) + vader(SAD)) / 3
+    assert gold_parts(text, True)["sentiment"] == pytest.approx(expected)
+    assert gold_parts(HAPPY * 1, True)["sentiment"] == pytest.approx(vader(HAPPY))

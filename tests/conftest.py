@@ -1,0 +1,49 @@
+"""Shared test helpers: a tiny GPT with weights large enough that a masking or
+position mistake shows up far above float noise, and left-padded prompt batches."""
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `pytest` as well as `python -m pytest` finds nanorlhf
+    sys.path.insert(0, REPO)
+
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT  # noqa: E402
+
+# The models here are tiny: one thread is many times faster than an OpenMP pool
+# that waits for busy cores on a shared machine.
+torch.set_num_threads(1)
+
+TINY = dict(vocab_size=23, block_size=32, n_layer=2, n_head=2, n_embd=16)
+
+
+def randomize(model, std=0.3, seed=0):
+    """Every parameter ~ N(0, std) (LayerNorm gains 1 + N(0, std)): GPT-2's init (std 0.02)
+    makes logits nearly uniform, so a leak through padding could hide below atol 1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1.0 + noise if ".ln_" in name and name.endswith("weight") else noise)
+    return model.eval()
+
+
+def make_gpt(seed=0, std=0.3, **overrides):
+    return randomize(GPT(GPTConfig(**{**TINY, **overrides})), std, seed)
+
+
+def make_scalar_gpt(seed=0, std=0.3, **overrides):
+    return randomize(ScalarGPT(GPTConfig(**{**TINY, **overrides})), std, seed)
+
+
+def left_padded(lengths, vocab_size, seed=0, pad_id=None):
+    """Random prompts of the given real lengths, left padded to max(lengths).
+    Pads hold random tokens unless pad_id is given: the result must not depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    tokens = torch.randint(0, vocab_size, (len(lengths), P), generator=g)
+    mask = torch.tensor([[0] * (P - n) + [1] * n for n in lengths])
+    if pad_id is not None:
+        tokens = tokens.masked_fill(mask == 0, pad_id)
+    return tokens, mask

@@ -1,0 +1,89 @@
+"""Subprocess smoke runs of the training scripts with --preset tiny, as a user runs them
+from the repository root: they finish, write their files, resume, and fail with a message."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nanorlhf.checkpoint import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=300):
+    # one thread: the tiny models run many times faster than with an OpenMP pool on a busy machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_ok(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def logged_steps(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    check_ok(run("train_sft.py", "--preset", "tiny", "--out_dir", out))
+    return out
+
+
+def test_sft_writes_checkpoint_metrics_and_plot(sft_dir):
+    for name in ("ckpt.pt", "metrics.jsonl", "loss.png"):
+        assert os.path.getsize(os.path.join(sft_dir, name)) > 0, name
+    ckpt = load_checkpoint(sft_dir, "sft")
+    assert ckpt["step"] == 8 and ckpt["config"]["preset"] == "tiny"
+    assert ckpt["model_config"]["dropout"] == 0.0
+    assert logged_steps(sft_dir) == list(range(1, 9))
+
+
+def test_sft_resume_continues_from_step_8(sft_dir, tmp_path):
+    out = str(tmp_path / "sft")
+    shutil.copytree(sft_dir, out)  # the shared SFT run stays as it was for the RM test
+    result = run("train_sft.py", "--preset", "tiny", "--out_dir", out, "--resume", "--max_iters", "12")
+    check_ok(result)
+    assert "at step 8" in result.stdout
+    assert load_checkpoint(out, "sft")["step"] == 12
+    assert logged_steps(out) == list(range(1, 13))  # the log continues: 1..8 kept, 9..12 appended
+
+
+def test_rm_trains_from_the_sft_checkpoint(sft_dir, tmp_path):
+    out = str(tmp_path / "rm")
+    check_ok(run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out))
+    for name in ("ckpt.pt", "metrics.jsonl", "accuracy.png", "prefs.jsonl"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    ckpt = load_checkpoint(out, "rm")
+    assert ckpt["step"] > 0 and math.isfinite(ckpt["gain"]) and math.isfinite(ckpt["bias"])
+    assert ckpt["tokenizer"] == load_checkpoint(sft_dir, "sft")["tokenizer"]
+
+
+# ---------------------------------------------------------------- errors a user meets first
+
+def test_rm_without_sft_checkpoint_names_the_command(tmp_path):
+    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", str(tmp_path / "nothing"),
+                 "--out_dir", str(tmp_path / "rm"))
+    assert result.returncode != 0
+    assert "python train_sft.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sft_with_missing_dataset_says_so(tmp_path):
+    result = run("train_sft.py", "--preset", "tiny", "--dataset", "/nonexistent", "--out_dir", str(tmp_path))
+    assert result.returncode != 0
+    assert "/nonexistent" in result.stderr and "--dataset sample" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_flag_is_rejected():
+    result = run("train_sft.py", "--no_such_flag", "3")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no_such_flag" in result.stderr

@@ -1,0 +1,199 @@
+"""DPO: the policy learns from preference pairs directly, with no reward model and no sampling.
+
+python train_dpo.py                    # the pairs train_rm.py labelled (out/rm/prefs.jsonl), from out/sft
+python train_dpo.py --prefs my.jsonl   # your own {"prompt", "chosen", "rejected"} rows
+python train_dpo.py --beta 0.5         # a stronger pull towards the SFT policy
+python train_dpo.py --resume           # continue out/dpo/ckpt.pt
+
+Rafailov et al. 2023: the implicit reward r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) put
+into the Bradley-Terry model gives a classification loss on the pairs themselves.
+Reads top to bottom: config -> policy and frozen reference -> preference pairs -> DPO training -> save.
+"""
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, \
+    set_rng_state
+from nanorlhf.config import DPOConfig, parse_config, print_config, setup_runtime
+from nanorlhf.dpo import dpo_loss
+from nanorlhf.judge import gold_score
+from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
+from nanorlhf.model import response_logprobs
+from nanorlhf.prefs import PreferenceFileError, read_prefs
+from nanorlhf.reward import encode_pairs
+from nanorlhf.sampler import sample_responses
+from nanorlhf.train import all_reduce_mean, backward, make_optimizer, optimizer_step, unwrap, wrap_ddp
+
+VAL_FRACTION = 0.1  # share of prompts (groups of pairs) held out for validation, as in train_rm.py
+EVALS_PER_RUN = 10  # validation, a sample and a checkpoint this many times per run (and at the end)
+
+cfg = parse_config(DPOConfig, "dpo", description=__doc__)
+rt = setup_runtime(cfg)
+if rt.is_main:
+    print_config(cfg)
+    print(f"device {rt.device} | precision {rt.dtype} | processes {rt.world_size}")
+
+# ---------------------------------------------------------------- policy and frozen reference, both the SFT model
+try:
+    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
+    resume_ckpt = load_checkpoint(cfg.out_dir, "dpo") if cfg.resume else None
+except CheckpointError as e:
+    raise SystemExit(str(e))
+reference.eval().requires_grad_(False)  # pi_ref is never stepped (DESIGN detail 9)
+max_response = policy.config.block_size - cfg.max_prompt_tokens  # longer responses are cut to fit the model
+
+# ---------------------------------------------------------------- preference pairs
+prefs_path = cfg.prefs or os.path.join(cfg.rm_dir, "prefs.jsonl")
+if not cfg.prefs and not os.path.exists(prefs_path):
+    raise SystemExit(f"no preference pairs at {prefs_path} — run `python train_rm.py` first (it labels SFT "
+                     f"samples with simulated raters and writes them there), or pass --prefs FILE.jsonl")
+try:
+    rows = read_prefs(prefs_path)
+except PreferenceFileError as e:
+    raise SystemExit(str(e))
+# hold out whole prompts: the pairs of one prompt share a "group" (rows without one are their own group)
+rng = np.random.default_rng(cfg.seed)
+groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
+val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * VAL_FRACTION))].tolist())
+val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
+train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
+if not train_rows:
+    raise SystemExit(f"{prefs_path} has {len(groups)} prompt(s): too few to hold some out; label more pairs")
+train_eval_rows = train_rows[:len(val_rows)]  # a train subset as large as validation, to compare the two
+sample_prompt = next((r["prompt"] for r in val_rows if r["prompt"]), "Once upon a time")  # shown every eval
+print(f"{len(rows)} pairs from {prefs_path}: {len(train_rows)} train / {len(val_rows)} validation")
+
+# ---------------------------------------------------------------- optimizer, resume
+optimizer = make_optimizer(policy, cfg.lr, 0.0, rt.device)  # no weight decay: it would pull away from pi_ref
+steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+eval_every = max(1, cfg.max_iters // EVALS_PER_RUN)
+step = 0
+if resume_ckpt is not None:
+    policy.load_state_dict(resume_ckpt["model"])
+    optimizer.load_state_dict(resume_ckpt["optimizer"])
+    step = resume_ckpt["step"]
+    set_rng_state(resume_ckpt["rng"])
+    print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+if cfg.compile:
+    policy = torch.compile(policy)
+policy = wrap_ddp(policy, rt)
+
+
+def mean(x):
+    return float(all_reduce_mean(x.float().mean(), rt))
+
+
+def batch_of(batch_rows):
+    return encode_pairs(enc, batch_rows, cfg.max_prompt_tokens, max_response, rt.device)
+
+
+def sequence_logps(model, batch):
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over the real tokens of chosen and rejected -> (B,), (B,).
+    One forward pass of 2B rows, both responses right-padded to a common width (mask 0 there)."""
+    prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask = batch
+    width = max(chosen.size(1), rejected.size(1))
+    pad = lambda t: F.pad(t, (0, width - t.size(1)))
+    with rt.autocast():
+        logprobs = response_logprobs(model, prompt.repeat(2, 1), prompt_mask.repeat(2, 1),
+                                     torch.cat([pad(chosen), pad(rejected)]),
+                                     torch.cat([pad(chosen_mask), pad(rejected_mask)]), cfg.temperature)  # (2B, N)
+    return logprobs.sum(1).chunk(2)
+
+
+def pair_losses(batch):
+    """DPO losses (B,) and the implicit rewards of chosen and rejected (B,), (B,)."""
+    with torch.no_grad():
+        ref_chosen, ref_rejected = sequence_logps(reference, batch)  # once per batch: pi_ref never changes
+    policy_chosen, policy_rejected = sequence_logps(policy, batch)
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg.beta)
+
+
+@torch.no_grad()
+def evaluate(eval_rows):
+    """Mean loss, reward accuracy (chosen reward > rejected reward) and reward margin over eval_rows."""
+    policy.eval()
+    losses, hits, margins = [], [], []
+    for i in range(0, len(eval_rows), cfg.batch_size):
+        batch_losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(eval_rows[i:i + cfg.batch_size]))
+        losses += batch_losses.tolist()
+        hits += (chosen_rewards > rejected_rewards).float().tolist()
+        margins += (chosen_rewards - rejected_rewards).tolist()
+    policy.train()
+    return float(np.mean(losses)), float(np.mean(hits)), float(np.mean(margins))
+
+
+def print_continuation(prompt):
+    """A held-out prompt, the policy's continuation, its implicit reward and its gold score.
+    The same random draws every time, so the change comes from the policy."""
+    generator = torch.Generator(rt.device).manual_seed(cfg.seed)
+    sampled = sample_responses(unwrap(policy), enc, [prompt], cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
+                               cfg.temperature, generator=generator)
+    b = sampled["batches"][0]
+    with torch.no_grad(), rt.autocast():
+        logps = [response_logprobs(m, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"], cfg.temperature).sum()
+                 for m in (unwrap(policy), reference)]
+    print_samples([{"prompt": prompt, "response": sampled["texts"][0],
+                    "implicit_reward": cfg.beta * float(logps[0] - logps[1]),  # beta * log(pi / pi_ref)
+                    "gold": gold_score(sampled["texts"][0], sampled["ended"][0])}])
+
+
+def save():
+    if not rt.is_main:
+        return
+    model = unwrap(policy)
+    save_checkpoint(cfg.out_dir, {
+        "stage": "dpo", "model": model.state_dict(), "model_config": {**asdict(model.config), "dropout": 0.0},
+        "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": step,
+        "optimizer": optimizer.state_dict(), "rng": rng_state(), "prefs": prefs_path})
+
+
+# ---------------------------------------------------------------- DPO training
+log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
+policy.train()
+metrics = {}
+t_last = time.time()
+while step < cfg.max_iters:
+    epoch, i = divmod(step, steps_per_epoch)
+    order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_rows))  # the same on every rank
+    batch_rows = [train_rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]][rt.rank::rt.world_size]
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.max_iters // 10))  # warmup over the first tenth, then flat
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    weights = torch.tensor([r["weight"] for r in batch_rows], device=rt.device)
+    losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(batch_rows))
+    loss = (losses * weights).sum() / weights.sum()  # weighted mean: a prompt's C(k,2) pairs count as one
+    backward(loss, rt)
+    finite, grad_norm = optimizer_step(policy, optimizer, rt, cfg.grad_clip)
+    step += 1
+    metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)), "acc": mean(chosen_rewards > rejected_rewards),
+               "margin": mean(chosen_rewards - rejected_rewards), "chosen_reward": mean(chosen_rewards),
+               "rejected_reward": mean(rejected_rewards), "lr": lr, "grad_norm": grad_norm}
+    if step % eval_every == 0 or step == cfg.max_iters:
+        metrics["train_loss"], metrics["train_acc"], metrics["train_margin"] = evaluate(train_eval_rows)
+        metrics["val_loss"], metrics["val_acc"], metrics["val_margin"] = evaluate(val_rows)
+    metrics["time_s"] = time.time() - t_last
+    t_last = time.time()
+    if step % cfg.log_every == 0 or "val_acc" in metrics:
+        log.log(step, **metrics)
+    if "val_acc" in metrics:
+        save()
+        if rt.is_main:
+            print_continuation(sample_prompt)
+
+if rt.is_main:
+    plot_metrics(log.path, [["loss", "train_loss", "val_loss"], ["acc", "train_acc", "val_acc"],
+                            ["margin", "train_margin", "val_margin"]], os.path.join(cfg.out_dir, "dpo.png"),
+                 f"DPO (beta {cfg.beta}): loss, reward accuracy, reward margin")
+    if "val_acc" in metrics:
+        print(f"reward accuracy: train {metrics['train_acc']:.3f} / validation {metrics['val_acc']:.3f} | "
+              f"reward margin: train {metrics['train_margin']:.3f} / validation {metrics['val_margin']:.3f}")
+    print(f"saved {cfg.out_dir}/ckpt.pt, metrics.jsonl, dpo.png")
+if rt.world_size > 1:
+    torch.distributed.destroy_process_group()
