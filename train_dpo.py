@@ -9,7 +9,6 @@ Rafailov et al. 2023: the implicit reward r(x, y) = beta * (log pi(y|x) - log pi
 into the Bradley-Terry model gives a classification loss on the pairs themselves.
 Reads top to bottom: config -> policy and frozen reference -> preference pairs -> DPO training -> save.
 """
-import math
 import os
 import time
 from dataclasses import asdict
@@ -18,17 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, \
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_resume, rng_state, save_checkpoint, \
     set_rng_state
 from nanorlhf.config import DPOConfig, parse_config, print_config, setup_runtime
 from nanorlhf.dpo import dpo_loss
 from nanorlhf.judge import gold_score
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import response_logprobs
-from nanorlhf.prefs import PreferenceFileError, read_prefs
+from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs
 from nanorlhf.reward import encode_pairs
 from nanorlhf.sampler import sample_responses
-from nanorlhf.train import all_reduce_mean, backward, make_optimizer, optimizer_step, unwrap, wrap_ddp
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, \
+    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 VAL_FRACTION = 0.1  # share of prompts (groups of pairs) held out for validation, as in train_rm.py
 EVALS_PER_RUN = 10  # validation, a sample and a checkpoint this many times per run (and at the end)
@@ -43,7 +43,7 @@ if rt.is_main:
 try:
     policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
-    resume_ckpt = load_checkpoint(cfg.out_dir, "dpo") if cfg.resume else None
+    resume_ckpt = load_resume(cfg, "dpo")  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
 reference.eval().requires_grad_(False)  # pi_ref is never stepped (DESIGN detail 9)
@@ -58,6 +58,7 @@ try:
     rows = read_prefs(prefs_path)
 except PreferenceFileError as e:
     raise SystemExit(str(e))
+digest = prefs_digest(rows)  # a resumed run checks that it trains on the same pairs
 # hold out whole prompts: the pairs of one prompt share a "group" (rows without one are their own group)
 rng = np.random.default_rng(cfg.seed)
 groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
@@ -68,21 +69,30 @@ if not train_rows:
     raise SystemExit(f"{prefs_path} has {len(groups)} prompt(s): too few to hold some out; label more pairs")
 train_eval_rows = train_rows[:len(val_rows)]  # a train subset as large as validation, to compare the two
 sample_prompt = next((r["prompt"] for r in val_rows if r["prompt"]), "Once upon a time")  # shown every eval
-print(f"{len(rows)} pairs from {prefs_path}: {len(train_rows)} train / {len(val_rows)} validation")
+if rt.is_main:
+    print(f"{len(rows)} pairs from {prefs_path}: {len(train_rows)} train / {len(val_rows)} validation")
 
 # ---------------------------------------------------------------- optimizer, resume
 optimizer = make_optimizer(policy, cfg.lr, 0.0, rt.device)  # no weight decay: it would pull away from pi_ref
-steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
 eval_every = max(1, cfg.max_iters // EVALS_PER_RUN)
 step = 0
-if resume_ckpt is not None:
+guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+if resume_ckpt is not None:  # weights, Adam moments, RNGs; the data order follows the step
+    if resume_ckpt.get("prefs_digest") != digest:
+        raise SystemExit(f"--resume: the preference pairs in {prefs_path} are not the ones the checkpoint was "
+                         f"trained on; restore them, or start a new run without --resume")
     policy.load_state_dict(resume_ckpt["model"])
     optimizer.load_state_dict(resume_ckpt["optimizer"])
+    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
+        rt.scaler.load_state_dict(resume_ckpt["scaler"])
     step = resume_ckpt["step"]
     set_rng_state(resume_ckpt["rng"])
-    print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+    guard.saved(step)
+    if rt.is_main:
+        print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+policy.grad_checkpoint = cfg.grad_checkpoint
 if cfg.compile:
-    policy = torch.compile(policy)
+    policy = torch.compile(policy)  # the training forward; sampling uses the plain module (unwrap)
 policy = wrap_ddp(policy, rt)
 
 
@@ -100,7 +110,7 @@ def sequence_logps(model, batch):
     prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask = batch
     width = max(chosen.size(1), rejected.size(1))
     pad = lambda t: F.pad(t, (0, width - t.size(1)))
-    with rt.autocast():
+    with rt.autocast():  # the forward in bf16/fp16; the log-softmax and the sums in fp32 (logprobs_from_logits)
         logprobs = response_logprobs(model, prompt.repeat(2, 1), prompt_mask.repeat(2, 1),
                                      torch.cat([pad(chosen), pad(rejected)]),
                                      torch.cat([pad(chosen_mask), pad(rejected_mask)]), cfg.temperature)  # (2B, N)
@@ -151,30 +161,38 @@ def save():
     save_checkpoint(cfg.out_dir, {
         "stage": "dpo", "model": model.state_dict(), "model_config": {**asdict(model.config), "dropout": 0.0},
         "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": step,
-        "optimizer": optimizer.state_dict(), "rng": rng_state(), "prefs": prefs_path})
+        "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
+        "rng": rng_state(), "prefs": prefs_path,
+        "prefs_digest": digest})
+    guard.saved(step)
 
 
 # ---------------------------------------------------------------- DPO training
 log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
+if resume_ckpt is not None:
+    log.keep_until(step)
 policy.train()
+stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
 metrics = {}
 t_last = time.time()
 while step < cfg.max_iters:
-    epoch, i = divmod(step, steps_per_epoch)
-    order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_rows))  # the same on every rank
-    batch_rows = [train_rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]][rt.rank::rt.world_size]
+    batch_rows = [train_rows[j] for j in epoch_batch(len(train_rows), cfg.batch_size, step, cfg.seed, rt)]
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.max_iters // 10))  # warmup over the first tenth, then flat
     for g in optimizer.param_groups:
         g["lr"] = lr
     weights = torch.tensor([r["weight"] for r in batch_rows], device=rt.device)
     losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(batch_rows))
-    loss = (losses * weights).sum() / weights.sum()  # weighted mean: a prompt's C(k,2) pairs count as one
+    # weighted mean (a prompt's C(k,2) pairs count as one) over the pairs of every rank, in fp32
+    loss = (losses * weights).sum() / global_mean_denominator(weights.sum(), rt)
     backward(loss, rt)
     finite, grad_norm = optimizer_step(policy, optimizer, rt, cfg.grad_clip)
     step += 1
     metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)), "acc": mean(chosen_rewards > rejected_rewards),
                "margin": mean(chosen_rewards - rejected_rewards), "chosen_reward": mean(chosen_rewards),
                "rejected_reward": mean(rejected_rewards), "lr": lr, "grad_norm": grad_norm}
+    guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
+    if guard.skipped:
+        metrics["skipped_steps"] = guard.skipped
     if step % eval_every == 0 or step == cfg.max_iters:
         metrics["train_loss"], metrics["train_acc"], metrics["train_margin"] = evaluate(train_eval_rows)
         metrics["val_loss"], metrics["val_acc"], metrics["val_margin"] = evaluate(val_rows)
@@ -182,10 +200,14 @@ while step < cfg.max_iters:
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_acc" in metrics:
         log.log(step, **metrics)
-    if "val_acc" in metrics:
+    if "val_acc" in metrics and guard.can_save(metrics["val_loss"]):  # never replace a good checkpoint by a bad one
         save()
-        if rt.is_main:
-            print_continuation(sample_prompt)
+    if stop.requested(rt):
+        save()
+        stop.exit(ckpt_path(cfg.out_dir), step)
+    if "val_acc" in metrics and rt.is_main:
+        print_continuation(sample_prompt)
+stop.release()
 
 if rt.is_main:
     plot_metrics(log.path, [["loss", "train_loss", "val_loss"], ["acc", "train_acc", "val_acc"],

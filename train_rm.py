@@ -3,6 +3,7 @@
 python train_rm.py                       # simulated raters compare SFT samples (needs out/sft)
 python train_rm.py --rater_bias length   # raters with a hidden taste for long responses
 python train_rm.py --prefs my.jsonl      # your own {"prompt", "chosen", "rejected"} rows
+python train_rm.py --policy_dir out/ppo --extra_prefs out/rm/prefs.jsonl   # iterated RLHF: a new round
 
 Reads top to bottom: config -> SFT policy -> preference pairs -> reward model ->
 Bradley-Terry training -> normalisation on SFT samples -> report -> save.
@@ -15,17 +16,18 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, rng_state, save_checkpoint, \
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_resume, rng_state, save_checkpoint, \
     set_rng_state
 from nanorlhf.config import RMConfig, parse_config, print_config, setup_runtime
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.judge import gold_accuracy, gold_scores, inter_rater_agreement, label_pairs, make_rater_pool
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
-from nanorlhf.prefs import PreferenceFileError, read_prefs, write_prefs
+from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
 from nanorlhf.reward import bradley_terry_loss, encode_pairs, normaliser, pair_scores, score
 from nanorlhf.sampler import sample_responses
-from nanorlhf.train import all_reduce_mean, backward, make_optimizer, optimizer_step, unwrap, wrap_ddp
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
+    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(RMConfig, "rm", description=__doc__)
 rt = setup_runtime(cfg)
@@ -33,11 +35,15 @@ if rt.is_main:
     print_config(cfg)
 try:
     policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    sft_state = policy.state_dict()  # the reward model starts from the SFT weights
+    if cfg.policy_dir:  # iterated RLHF: raters compare a later policy's samples; the RM is normalised on them too
+        policy = load_model(cfg.policy_dir, "ppo", rt.device, tokenizer_of=sft_ckpt)[0]
+    resume_ckpt = load_resume(cfg, "rm")  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
-resume_ckpt = load_checkpoint(cfg.out_dir, "rm") if cfg.resume else None
-generator = torch.Generator(rt.device).manual_seed(cfg.seed)  # every sample this stage draws
-max_response = cfg.max_new_tokens + 1
+generator = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)  # every sample this stage draws
+# a response and its <|endoftext|>, cut so that prompt + response fits the model (long --prefs rows)
+max_response = min(cfg.max_new_tokens + 1, policy.config.block_size - cfg.max_prompt_tokens)
 
 # ---------------------------------------------------------------- preference pairs
 try:
@@ -54,48 +60,80 @@ if cfg.prefs:
         rows = read_prefs(cfg.prefs)  # all-or-nothing: a broken row stops the run before it starts
     except PreferenceFileError as e:
         raise SystemExit(str(e))
-    print(f"read {len(rows)} preference pairs from {cfg.prefs}")
+    if rt.is_main:
+        print(f"read {len(rows)} preference pairs from {cfg.prefs}")
 elif resume_ckpt is not None:
-    rows = read_prefs(prefs_path)  # the pairs the interrupted run labelled
+    try:
+        rows = read_prefs(prefs_path)  # the pairs the interrupted run labelled
+    except PreferenceFileError as e:
+        raise SystemExit(f"--resume: {e}")
 else:
     t0 = time.time()
     prompts = [train_prompts[i % len(train_prompts)] for i in rng.permutation(max(cfg.n_prompts, 1))]
     prompts = prompts[:cfg.n_prompts]
-    sampled = sample_responses(policy, enc, [p for p in prompts for _ in range(cfg.k_responses)],
+    k = cfg.k_responses
+    # each rank samples the k responses of its own share of the prompts; then every rank holds them all
+    share = prompts[rt.rank * len(prompts) // rt.world_size:(rt.rank + 1) * len(prompts) // rt.world_size]
+    sampled = sample_responses(policy, enc, [p for p in share for _ in range(k)],
                                cfg.max_prompt_tokens, cfg.max_new_tokens, rt, cfg.temperature,
                                generator=generator)
-    k = cfg.k_responses
+    texts, ended = all_gather_lists(sampled["texts"], rt), all_gather_lists(sampled["ended"], rt)
     group = lambda xs: [xs[i * k:(i + 1) * k] for i in range(len(prompts))]
     raters = make_rater_pool(cfg.n_raters, cfg.rater_noise_low, cfg.rater_noise_high,
                              cfg.rater_bias or None, cfg.rater_bias_weight)
-    rows = label_pairs(prompts, group(sampled["texts"]), group(sampled["ended"]), raters, rng, k)
+    rows = label_pairs(prompts, group(texts), group(ended), raters, rng, k)
     agreement = inter_rater_agreement(raters, [(r["chosen"], r["rejected"], r["chosen_ended"], r["rejected_ended"])
                                                for r in rows], rng, n=min(len(rows), 500))
-    print(f"sampled {len(sampled['texts'])} SFT responses ({time.time() - t0:.1f} s, "
-          f"{np.mean(sampled['ended']):.0%} ended) -> {len(rows)} pairs from {len(raters)} raters "
-          f"(noise {cfg.rater_noise_low}..{cfg.rater_noise_high}, bias {cfg.rater_bias or 'none'}) | "
-          f"inter-rater agreement {agreement:.3f}")
+    if rt.is_main:
+        print(f"sampled {len(texts)} {cfg.policy_dir or 'SFT'} responses ({time.time() - t0:.1f} s, "
+              f"{np.mean(ended):.0%} ended) -> {len(rows)} pairs from {len(raters)} raters "
+              f"(noise {cfg.rater_noise_low}..{cfg.rater_noise_high}, bias {cfg.rater_bias or 'none'}) | "
+              f"inter-rater agreement {agreement:.3f}")
+    if cfg.extra_prefs:  # iterated RLHF: the earlier rounds' pairs too, their groups numbered after the new ones
+        try:
+            old_rows = read_prefs(cfg.extra_prefs)
+        except PreferenceFileError as e:
+            raise SystemExit(str(e))
+        rows += [{**r, "group": len(prompts) + r.get("group", i)} for i, r in enumerate(old_rows)]
+        if rt.is_main:
+            print(f"+ {len(old_rows)} pairs of earlier rounds from {cfg.extra_prefs}")
     if rt.is_main:
         write_prefs(prefs_path, rows)
 groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
-val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * cfg.val_fraction))].tolist())
+digest = prefs_digest(rows)
+if resume_ckpt is None:
+    val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * cfg.val_fraction))].tolist())
+elif resume_ckpt.get("prefs_digest") != digest:
+    raise SystemExit(f"--resume: the preference pairs in {cfg.prefs or prefs_path} are not the ones the checkpoint "
+                     f"was trained on; restore them, or start a new run without --resume")
+else:
+    val_groups = set(resume_ckpt["val_groups"])  # the interrupted run's split
 val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
 train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
-print(f"{len(train_rows)} train / {len(val_rows)} validation pairs")
+if rt.is_main:
+    print(f"{len(train_rows)} train / {len(val_rows)} validation pairs")
 
 # ---------------------------------------------------------------- reward model, from the SFT weights
-model = ScalarGPT(policy.config).to(rt.device)
-model.gpt.load_state_dict(policy.state_dict())
+model = ScalarGPT(policy.config).to(rt.device)  # fp32 master weights; autocast runs the matrix products
+model.gpt.load_state_dict(sft_state)
+model.gpt.grad_checkpoint = cfg.grad_checkpoint
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
 steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
 total_steps = steps_per_epoch * cfg.epochs
 step = 0
-if resume_ckpt is not None:
+guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+if resume_ckpt is not None:  # weights, Adam moments, the sampler's generator (the data order follows the step)
     model.load_state_dict(resume_ckpt["model"])
     optimizer.load_state_dict(resume_ckpt["optimizer"])
+    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
+        rt.scaler.load_state_dict(resume_ckpt["scaler"])
     step = resume_ckpt["step"]
     set_rng_state(resume_ckpt["rng"], generator)
-    print(f"resumed at step {step}")
+    guard.saved(step)
+    if rt.is_main:
+        print(f"resumed at step {step}")
+if cfg.compile:
+    model = torch.compile(model)  # the training forward; scoring after training uses the plain module
 model = wrap_ddp(model, rt)
 
 
@@ -116,32 +154,56 @@ def evaluate(eval_rows):
     return sum(losses) / len(hits), float(np.mean(hits))
 
 
+def save(**finished):
+    """A checkpoint to resume training from; the finished one adds the normaliser and the report."""
+    if rt.is_main:
+        save_checkpoint(cfg.out_dir, {
+            "stage": "rm", "model": unwrap(model).state_dict(), "model_config": asdict(unwrap(model).gpt.config),
+            "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": step,
+            "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
+            "rng": rng_state(generator), "prefs": cfg.prefs or prefs_path,
+            "prefs_digest": digest, "val_groups": sorted(val_groups, key=str), **finished})
+    guard.saved(step)
+
+
 # ---------------------------------------------------------------- Bradley-Terry training
 log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
+if resume_ckpt is not None:
+    log.keep_until(step)
 model.train()
+stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
 t_last = time.time()
 while step < total_steps:
-    epoch, i = divmod(step, steps_per_epoch)
-    order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_rows))  # the same on every rank
-    batch_rows = [train_rows[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]][rt.rank::rt.world_size]
+    batch_rows = [train_rows[j] for j in epoch_batch(len(train_rows), cfg.batch_size, step, cfg.seed, rt)]
     lr = cfg.lr * min(1.0, (step + 1) / max(1, total_steps // 10))  # warmup over the first tenth, then flat
     for g in optimizer.param_groups:
         g["lr"] = lr
     weights = torch.tensor([r["weight"] for r in batch_rows], device=rt.device)
     with rt.autocast():
         r_c, r_r = pair_scores(model, batch_of(batch_rows))
-    loss = bradley_terry_loss(r_c, r_r, weights)
+    # the BT loss in fp32 (score reads fp32 values); this rank's weighted sum over the global weight sum
+    loss = bradley_terry_loss(r_c, r_r, weights) * weights.sum() / global_mean_denominator(weights.sum(), rt)
     backward(loss, rt)
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
     step += 1
     metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)),
                "acc": float(all_reduce_mean((r_c > r_r).float().mean(), rt)), "lr": lr, "grad_norm": grad_norm}
+    guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
+    if guard.skipped:
+        metrics["skipped_steps"] = guard.skipped
     if step % steps_per_epoch == 0 or step == total_steps:
         metrics["val_loss"], metrics["val_acc"] = evaluate(val_rows)
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_acc" in metrics:
         log.log(step, **metrics)
+    if "val_acc" in metrics and guard.can_save(metrics["val_loss"]):
+        save()  # every epoch; a good checkpoint is never replaced by a bad one
+    if stop.requested(rt):
+        save()
+        stop.exit(ckpt_path(cfg.out_dir), step)
+stop.release()
+train_rng = rng_state(generator)  # the finished checkpoint resumes into the same normalisation samples
 
 # ---------------------------------------------------------------- normalise on SFT samples, then report
 rm = unwrap(model).eval()
@@ -168,13 +230,13 @@ gold = gold_scores(fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])
 val_loss, val_acc = evaluate(val_rows)
 gold_acc = gold_accuracy(val_rows)
-report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_acc,
+report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_acc if gold_acc else float("nan"),
           "spearman_rm_gold": spearman(rewards, gold), "spearman_rm_length": spearman(rewards, lengths),
           "spearman_gold_length": spearman(gold, lengths), "gain": gain, "bias": bias}
 if rt.is_main:
     log.log(step, **report)
     print(f"held-out pairwise accuracy: RM {val_acc:.3f} vs gold judge {gold_acc:.3f} on the same noisy labels "
-          f"(ratio {val_acc / gold_acc:.2f})")
+          f"(ratio {report['acc_ratio']:.2f})")
     print(f"on {len(gold)} fresh SFT samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "
           f"correlation with length: RM {report['spearman_rm_length']:.3f}, gold {report['spearman_gold_length']:.3f}")
     example = val_rows[0]
@@ -185,11 +247,7 @@ if rt.is_main:
                     "reward": float(r_c), "gold": float(gold_scores([example["chosen"]], [example.get("chosen_ended", True)])[0])},
                    {"prompt": example["prompt"], "response": "[REJECTED] " + example["rejected"],
                     "reward": float(r_r), "gold": float(gold_scores([example["rejected"]], [example.get("rejected_ended", True)])[0])}])
-    save_checkpoint(cfg.out_dir, {
-        "stage": "rm", "model": rm.state_dict(), "model_config": asdict(rm.gpt.config), "config": asdict(cfg),
-        "tokenizer": sft_ckpt["tokenizer"], "step": step, "optimizer": optimizer.state_dict(),
-        "rng": rng_state(generator), "gain": gain, "bias": bias, "report": report,
-        "prefs": cfg.prefs or prefs_path})
+    save(rng=train_rng, gain=gain, bias=bias, report=report)
     plot_metrics(log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")
     print(f"saved {cfg.out_dir}/ckpt.pt, prefs.jsonl, metrics.jsonl, accuracy.png")

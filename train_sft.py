@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, CheckpointError
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_resume, rng_state, save_checkpoint, set_rng_state
 from nanorlhf.config import SFTConfig, parse_config, print_config, setup_runtime
 from nanorlhf.data import DATA_DIR, encode_prompts, encode_stories, left_pad, load_corpus, split_prompt, \
     story_batch, train_val_stories
@@ -23,7 +23,8 @@ from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
 from nanorlhf.sampler import generate
 from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
-from nanorlhf.train import all_reduce_mean, backward, make_optimizer, optimizer_step, unwrap, wrap_ddp
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, global_mean_denominator, \
+    make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(SFTConfig, "sft", description=__doc__)
 rt = setup_runtime(cfg)
@@ -32,12 +33,10 @@ if rt.is_main:
     print(f"device {rt.device} | precision {rt.dtype} | processes {rt.world_size}")
 
 # ---------------------------------------------------------------- resume?
-resume_ckpt = None
-if cfg.resume:
-    try:
-        resume_ckpt = load_checkpoint(cfg.out_dir, "sft")
-    except CheckpointError as e:
-        raise SystemExit(f"--resume: {e}")
+try:
+    resume_ckpt = load_resume(cfg, "sft")  # None without --resume
+except CheckpointError as e:
+    raise SystemExit(str(e))
 
 # ---------------------------------------------------------------- data and tokenizer
 try:
@@ -76,19 +75,26 @@ elif cfg.init_from == "scratch":
 else:
     raise SystemExit(f"unknown --init_from {cfg.init_from!r}: scratch | gpt2")
 loss_on_response = cfg.loss_on == "response" or (cfg.loss_on == "auto" and cfg.init_from != "scratch")
-model.to(rt.device)
+model.grad_checkpoint = cfg.grad_checkpoint
+model.to(rt.device)  # fp32 master weights; autocast computes the matrix products in bf16/fp16
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
 step = 0
 data_rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its slice of a global batch
-if resume_ckpt is not None:
+val_loss = None
+guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+if resume_ckpt is not None:  # everything the next step depends on: weights, Adam moments, data order, RNGs
     model.load_state_dict(resume_ckpt["model"])
     optimizer.load_state_dict(resume_ckpt["optimizer"])
-    step = resume_ckpt["step"]
+    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
+        rt.scaler.load_state_dict(resume_ckpt["scaler"])
+    step, val_loss = resume_ckpt["step"], resume_ckpt["val_loss"]
     data_rng.bit_generator.state = resume_ckpt["data_rng"]
     set_rng_state(resume_ckpt["rng"])
-    print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+    guard.saved(step)
+    if rt.is_main:
+        print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
 if cfg.compile:
-    model = torch.compile(model)
+    model = torch.compile(model)  # the training forward; sampling uses the plain module (unwrap)
 model = wrap_ddp(model, rt)
 if rt.is_main:
     print(f"model: {unwrap(model).num_params() / 1e6:.2f}M parameters | loss on "
@@ -108,9 +114,9 @@ def batch_loss(seqs, prompt_lens, rows):
     x, y, loss_mask = x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
     with rt.autocast():
         logits = model(x)  # (B, T, V); right padding needs no attention mask under a causal mask
-    # cross-entropy in fp32, averaged over the tokens that count
+    # cross-entropy in fp32, averaged over the tokens that count on all ranks together
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    return (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    return (nll * loss_mask).sum() / global_mean_denominator(loss_mask.sum(), rt)
 
 
 @torch.no_grad()
@@ -142,14 +148,18 @@ def save():
     save_checkpoint(cfg.out_dir, {
         "stage": "sft", "model": state, "model_config": {**asdict(unwrap(model).config), "dropout": 0.0},
         "config": asdict(cfg), "tokenizer": tokenizer_state(enc), "step": step,
-        "optimizer": optimizer.state_dict(), "rng": rng_state(), "data_rng": data_rng.bit_generator.state,
+        "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
+        "rng": rng_state(), "data_rng": data_rng.bit_generator.state,
         "val_loss": val_loss, "unigram_entropy": unigram_entropy})
+    guard.saved(step)
 
 
 # ---------------------------------------------------------------- training loop
 log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
+if resume_ckpt is not None:
+    log.keep_until(step)  # records a killed run logged after its last checkpoint are logged again below
 model.train()
-val_loss = None
+stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
 t_last = time.time()
 while step < cfg.max_iters:
     lr = lr_at(step)
@@ -157,6 +167,8 @@ while step < cfg.max_iters:
         group["lr"] = lr
     total = 0.0
     for micro in range(cfg.grad_accum):
+        if rt.world_size > 1:  # DDP averages the gradients over ranks once, after the last micro-batch
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
         rows = data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size]
         loss = batch_loss(train_seqs, train_prompt_lens, rows) / cfg.grad_accum
         backward(loss, rt)
@@ -164,6 +176,9 @@ while step < cfg.max_iters:
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
     step += 1
     metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm}
+    guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
+    if guard.skipped:
+        metrics["skipped_steps"] = guard.skipped
     if step % cfg.eval_every == 0 or step == cfg.max_iters:
         val_loss = validation_loss()
         metrics.update(val_loss=val_loss, unigram_entropy=unigram_entropy)
@@ -171,10 +186,14 @@ while step < cfg.max_iters:
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_loss" in metrics:
         log.log(step, **metrics)
-    if "val_loss" in metrics:
+    if "val_loss" in metrics and guard.can_save(val_loss):  # a good checkpoint is never replaced by a bad one
         save()
+    if stop.requested(rt):
+        save()
+        stop.exit(ckpt_path(cfg.out_dir), step)
     if rt.is_main and (step % cfg.sample_every == 0 or step == cfg.max_iters):
         print_continuations()
+stop.release()
 
 if rt.is_main:
     plot_metrics(log.path, [["loss", "val_loss", "unigram_entropy"]], os.path.join(cfg.out_dir, "loss.png"),

@@ -2,9 +2,12 @@
 
 {"stage", "model", "model_config", "config", "tokenizer", "step", ...} plus whatever the
 stage needs to resume (optimizer, RNG states, KL controller, data position).
-Loading uses torch.load(weights_only=True): a checkpoint can hold tensors and plain
-python values, never code, so a file from a stranger cannot run anything.
+Writing is atomic (a temporary file, fsync, rename): a run killed at any moment leaves the
+previous checkpoint whole. Loading checks the zip archive and its CRC-32s first, then uses
+torch.load(weights_only=True): a checkpoint can hold tensors and plain python values, never
+code, so a file from a stranger cannot run anything.
 """
+import contextlib
 import os
 import pickle
 import random
@@ -30,6 +33,7 @@ def atomic_write(path, write_fn):
     """Write via write_fn(file) to a temporary file in the same directory, flush,
     fsync, then rename over path: a crash leaves either the old file or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -47,6 +51,27 @@ def atomic_write(path, write_fn):
         os.close(dir_fd)
 
 
+def remove_stale_temps(path):
+    """Delete the path.tmp<pid> files of processes that no longer run: a run killed mid-write
+    leaves its temporary file behind, and each can be as large as a checkpoint."""
+    folder, name = os.path.split(os.fspath(path))
+    for entry in os.listdir(folder or "."):
+        pid = entry[len(name) + 4:]
+        if entry.startswith(name + ".tmp") and pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def save_checkpoint(out_dir, ckpt):
     atomic_write(ckpt_path(out_dir), lambda f: torch.save(ckpt, f))
 
@@ -54,32 +79,72 @@ def save_checkpoint(out_dir, ckpt):
 def load_checkpoint(out_dir, stage=None):
     """Load out_dir/ckpt.pt; stage ("sft", "rm", ...) checks that it is the kind expected.
     Every failure says what to do."""
+    out_dir = os.fspath(out_dir)
     path = ckpt_path(out_dir) if not out_dir.endswith(".pt") else out_dir
     make = MAKES.get(stage, "the training script")
     if not os.path.exists(path):
         raise CheckpointError(f"no {stage or ''} checkpoint at {path} — run `{make}` first "
                               f"(or point --{stage}_dir at one)".replace("  ", " "))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a file: point --{stage or 'ckpt'}_dir at the folder that holds ckpt.pt")
+    # torch.save writes a zip archive whose directory comes last: a file cut short (a crash
+    # mid-copy, a full disk) or of another format is refused here, before anything is unpickled
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a checkpoint nanorlhf wrote ({os.path.getsize(path)} bytes, not a "
+                              f"torch zip archive: truncated, corrupt or another format), so it was not read; "
+                              f"delete it and re-run `{make}`")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()  # the CRC-32 of every member: torch.load would not notice flipped bits
+    except Exception as e:  # noqa: BLE001 - a damaged archive raises many kinds of error
+        bad_member = f"its archive ({type(e).__name__}: {e})"
+    if bad_member:
+        raise CheckpointError(f"{path} is corrupt: {bad_member} fails its CRC-32 check (a disk or copy error); "
+                              f"delete it and re-run `{make}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds something other than tensors and plain values, so it was "
-                              f"refused unread (weights_only=True). Only load checkpoints nanorlhf wrote. "
-                              f"Details: {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        # torch's message suggests weights_only=False; we keep only the line naming what was refused
+        what = next((line.split("WeightsUnpickler error:")[-1].split(" was not")[0].strip()
+                     for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+        raise CheckpointError(f"{path} holds something other than tensors and plain values (code or objects), "
+                              f"so it was refused unread (weights_only=True): {what or 'refused'}. Only load "
+                              f"checkpoints nanorlhf wrote, and never with weights_only=False") from e
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, KeyError, ...: all mean a damaged file
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
                               f"delete it and re-run `{make}`") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
-        raise CheckpointError(f"{path} is not a nanorlhf checkpoint (no 'model'/'stage' keys)")
+    missing = {"stage", "model", "model_config", "tokenizer", "step"} - set(ckpt if isinstance(ckpt, dict) else {})
+    if missing:
+        raise CheckpointError(f"{path} is not a nanorlhf checkpoint (no {sorted(missing)} keys)")
     if stage is not None and ckpt["stage"] != stage:
         raise CheckpointError(f"{path} is a {ckpt['stage']!r} checkpoint but a {stage!r} one is needed here — "
                               f"run `{make}` or pass the right directory")
     return ckpt
 
 
+def load_resume(cfg, stage):
+    """The checkpoint that --resume continues (None without --resume). A missing or broken one
+    raises CheckpointError; settings that differ from the checkpoint's are listed, because a
+    resumed run equals a run that never stopped only with the same ones."""
+    if not cfg.resume:
+        return None
+    if not os.path.exists(ckpt_path(cfg.out_dir)):
+        raise CheckpointError(f"--resume: nothing to resume at {ckpt_path(cfg.out_dir)}; pass the --out_dir of "
+                              f"the run to continue, or drop --resume to start a new one")
+    ckpt = load_checkpoint(cfg.out_dir, stage)
+    saved = ckpt.get("config", {})
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(cfg).items()
+               if k not in ("resume", "out_dir") and k in saved and saved[k] != v]
+    if changed:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+    return ckpt
+
+
 def rng_state(generator=None):
     """Every random state a run consumes, as tensors and plain values (weights_only-safe)."""
+    _, keys, pos, has_gauss, cached_gauss = np.random.get_state()
     state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+             "numpy": keys.tolist(), "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached_gauss)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -90,7 +155,9 @@ def rng_state(generator=None):
 
 def set_rng_state(state, generator=None):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    has_gauss, cached_gauss = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss,
+                         cached_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -108,6 +175,10 @@ def load_model(out_dir, stage, device, tokenizer_of=None):
     if tokenizer_of is not None and not same_tokenizer(ckpt["tokenizer"], tokenizer_of["tokenizer"]):
         raise CheckpointError(f"the {stage} checkpoint in {out_dir} uses another tokenizer than the "
                               f"{tokenizer_of['stage']} checkpoint it is used with: retrain it from that one")
+    if stage == "rm" and "gain" not in ckpt:  # a mid-training checkpoint: no reward normalisation yet
+        raise CheckpointError(f"the reward model in {out_dir} stopped at step {ckpt['step']}, before it finished: "
+                              f"rerun the command that made it with --resume "
+                              f"(`{MAKES['rm']} --resume --out_dir {out_dir}`)")
     config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (DESIGN detail 9)
     model = ScalarGPT(config) if stage == "rm" else GPT(config)
     try:

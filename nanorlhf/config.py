@@ -25,6 +25,8 @@ PRESETS = {
         "rm": dict(n_prompts=32, k_responses=2, batch_size=8, epochs=1, norm_samples=16, eval_samples=16),
         "ppo": dict(iterations=2, rollout_batch=8, n_minibatches=2, eval_prompts=8, sample_every=1),
         "dpo": dict(max_iters=4, batch_size=8),
+        "eval": dict(n_prompts=8),
+        "study": dict(iterations=3, eval_prompts=8),
     },
     "cpu": {
         "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
@@ -43,6 +45,8 @@ PRESETS = {
         "rm": dict(n_prompts=8000, k_responses=4, batch_size=64, epochs=1, norm_samples=1024, eval_samples=1024),
         "ppo": dict(iterations=200, rollout_batch=256, n_minibatches=4, eval_prompts=512, sample_every=20),
         "dpo": dict(max_iters=2000, batch_size=64),
+        "eval": dict(n_prompts=512),
+        "study": dict(iterations=300, eval_prompts=512),
     },
 }
 
@@ -56,6 +60,7 @@ class CommonConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model (GPU; slower to start, faster to run)
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
     resume: bool = False  # continue from out_dir/ckpt.pt
     dataset: str = "sample"  # sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
     tokenizer: str = "bpe"  # bpe (trained on the corpus) | gpt2 (tiktoken's GPT-2 encoding)
@@ -70,6 +75,7 @@ class CommonConfig:
     max_new_tokens: int = 224  # longest response
     temperature: float = 1.0  # sampling temperature; divides the logits in every logprob pass too
     log_every: int = 1  # console/JSONL line every N steps
+    max_bad_steps: int = 5  # stop after this many optimizer steps in a row with a non-finite loss or gradient
 
 
 @dataclass
@@ -94,6 +100,8 @@ class SFTConfig(CommonConfig):
 class RMConfig(CommonConfig):
     sft_dir: str = "out/sft"  # the SFT checkpoint the reward model starts from
     prefs: str = ""  # a JSONL preference file to train on; empty = simulate raters on SFT samples
+    policy_dir: str = ""  # iterated RLHF: compare samples of this policy (empty = SFT); the RM still starts from SFT
+    extra_prefs: str = ""  # iterated RLHF: earlier pairs (a prefs.jsonl) added to the new ones; prefs.jsonl keeps both
     n_prompts: int = 1000  # prompts to collect simulated comparisons on
     k_responses: int = 3  # responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs
     n_raters: int = 5  # simulated raters in the pool
@@ -135,6 +143,7 @@ class PPOConfig(CommonConfig):
     eval_prompts: int = 128  # held-out prompts for the final gold evaluation
     sample_every: int = 5  # print a table of samples every N iterations
     save_every: int = 5  # checkpoint every N iterations
+    init_policy: str = ""  # iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)
 
 
 @dataclass
@@ -147,6 +156,29 @@ class DPOConfig(CommonConfig):
     max_iters: int = 200  # optimizer steps
     lr: float = 1e-5  # learning rate
     grad_clip: float = 1.0  # clip the gradient norm at this
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    sft_dir: str = "out/sft"  # the reference: KL and win rate are against it, best-of-n samples from it
+    rm_dir: str = "out/rm"  # the reward model: the reward column and best-of-n's pick
+    ckpts: str = "out/sft,out/ppo,out/dpo"  # policy checkpoint dirs, comma-separated; missing ones are skipped
+    bon: str = "1,4,16"  # best-of-n from the SFT policy for each n, comma-separated; empty = none
+    n_prompts: int = 128  # held-out prompts (first sentences of validation stories) every method answers
+    n_samples: int = 3  # prompts whose responses from every method are shown side by side
+    no_eos_penalty: float = -1.0  # best-of-n ranks a response that never ended at this reward, as PPO does
+
+
+@dataclass
+class StudyConfig(CommonConfig):
+    sft_dir: str = ""  # the SFT checkpoint every run starts from; empty = out_dir/sft, trained if missing
+    rater_bias: str = "length,flowery"  # the raters' hidden taste, one reward model and curve each (none = no bias)
+    rater_bias_weight: float = 0.2  # strength of that taste (train_rm.py --rater_bias_weight)
+    iterations: int = 90  # PPO iterations per run; rounds splits them into rounds + 1 segments
+    kl_coef: float = 0.01  # the weak, fixed KL penalty of overoptimization and rounds
+    betas: str = "0.01,0.03,0.1,0.3"  # beta_sweep: one PPO run per fixed KL coefficient
+    rounds: int = 2  # rounds: extra rounds of fresh preferences on the current policy
+    eval_prompts: int = 128  # held-out prompts for every PPO run's final evaluation and each round's measures
 
 
 def _str2bool(s):
@@ -183,7 +215,10 @@ def parse_config(cls, stage, argv=None, description=None):
                             const=True if kind is _str2bool else None, help=comment or f.name)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    return make_config(cls, stage, **given)
+    try:
+        return make_config(cls, stage, **given)
+    except ValueError as e:  # an impossible combination: the message, not a traceback
+        parser.error(str(e))
 
 
 def make_config(cls, stage, **overrides):
@@ -207,6 +242,11 @@ def make_config(cls, stage, **overrides):
 
 def check_config(cfg):
     """Refuse settings that cannot work, saying which and why."""
+    # counts and periods: 0 would divide by zero or train nothing
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_iters", "sample_every", "save_every", "log_every",
+                 "rollout_batch", "n_minibatches", "ppo_epochs", "epochs", "max_bad_steps"):
+        if getattr(cfg, name, 1) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_prompt_tokens + cfg.max_new_tokens > cfg.block_size:
         raise ValueError(f"max_prompt_tokens ({cfg.max_prompt_tokens}) + max_new_tokens ({cfg.max_new_tokens}) "
                          f"> block_size ({cfg.block_size}): raise block_size or shorten them")
@@ -243,6 +283,8 @@ class Runtime:
 def setup_runtime(cfg):
     """Pick device and precision, seed everything, and join DDP when launched by torchrun."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
+        raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:

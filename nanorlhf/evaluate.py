@@ -1,6 +1,9 @@
 """Evaluate a policy on held-out prompts, the same way for every method:
 gold score (mean and standard error), RM reward, KL to the SFT reference, win rate
-against SFT by the gold judge, response length and distinct-2 (diversity)."""
+against SFT by the gold judge, response length, distinct-2 (diversity) and how well
+the RM still agrees with the gold judge on the policy's own samples. Best-of-n too."""
+import math
+
 import numpy as np
 import torch
 
@@ -27,6 +30,31 @@ def distinct_n(texts, n=2):
     """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over the set."""
     grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
+
+
+def pairwise_agreement(rewards, gold):
+    """Share of response pairs the RM orders as the gold judge does: pairs that gold ties are left
+    out, RM ties count 1/2. On a policy's own samples it falls as the policy exploits the RM."""
+    r, g = np.asarray(rewards, dtype=float), np.asarray(gold, dtype=float)
+    rm_order = np.sign(r[:, None] - r[None, :])  # (n, n)
+    gold_order = np.sign(g[:, None] - g[None, :])
+    pairs = np.triu(gold_order != 0, k=1)
+    return float(np.mean((rm_order * gold_order)[pairs] + 1) / 2) if pairs.any() else float("nan")
+
+
+def best_of_n_pick(rewards, n):
+    """Index of the RM's favourite among each prompt's n samples. rewards (P * n,), a prompt's n
+    samples side by side -> indices (P,) into rewards."""
+    rewards = np.asarray(rewards)
+    if len(rewards) % n:
+        raise ValueError(f"best_of_n_pick got {len(rewards)} rewards, not a multiple of n={n}")
+    return np.arange(len(rewards) // n) * n + rewards.reshape(-1, n).argmax(1)
+
+
+# KL(best-of-n || pi) = log n - (n - 1) / n   (Stiennon et al. 2020, appendix; Hilton & Gao 2022)
+# exact when the RM never ties, otherwise an upper bound (Beirami et al. 2024); in nats per response
+def best_of_n_kl(n):
+    return math.log(n) - (n - 1) / n
 
 
 @torch.no_grad()
@@ -57,6 +85,7 @@ def evaluate_samples(texts, ended, rewards=None, kl=None, baseline_gold=None):
            "ended": float(np.mean(ended)), "distinct2": distinct_n(texts)}
     if rewards is not None:
         row["reward"] = mean_se(rewards)
+        row["rm_gold_acc"] = pairwise_agreement(rewards, gold)
     if kl is not None:
         row["kl"] = mean_se(kl)
     if baseline_gold is not None:
@@ -75,11 +104,29 @@ def evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, ge
     return row, sampled
 
 
+def evaluate_best_of_n(policy, rm, gain, bias, enc, prompts, n, cfg, rt, generator, baseline_gold=None):
+    """Best-of-n (Stiennon et al. 2020; Nakano et al. 2021): n samples per prompt from policy, the one
+    with the highest reward kept. The reward is PPO's: the RM's, or cfg.no_eos_penalty for a response
+    that never ended. Its KL to policy is the analytic value. Returns (row, samples of the kept ones)."""
+    sampled = sample_responses(policy, enc, [p for p in prompts for _ in range(n)], cfg.max_prompt_tokens,
+                               cfg.max_new_tokens, rt, cfg.temperature, generator=generator)
+    rewards = rm_rewards(rm, gain, bias, sampled["batches"], rt)  # (P * n,)
+    picks = best_of_n_pick(np.where(sampled["ended"], rewards, cfg.no_eos_penalty), n)  # (P,)
+    texts, ended = [sampled["texts"][i] for i in picks], [sampled["ended"][i] for i in picks]
+    row, gold = evaluate_samples(texts, ended, rewards[picks], None, baseline_gold)
+    row["kl"], row["kl_analytic"] = (best_of_n_kl(n), 0.0), True
+    return row, {"texts": texts, "ended": ended, "gold": gold, "rewards": rewards[picks]}
+
+
 def format_row(name, row):
     cells = [f"{name:<12}"]
     for key in ("gold", "reward", "kl", "win_rate", "length"):
-        if key in row:
+        if key == "kl" and row.get("kl_analytic"):
+            cells.append(f"kl {row['kl'][0]:.3f} (analytic)")
+        elif key in row:
             m, se = row[key]
             cells.append(f"{key} {m:.3f} ± {se:.3f}")
     cells.append(f"ended {row['ended']:.0%} | distinct-2 {row['distinct2']:.3f}")
+    if "rm_gold_acc" in row:
+        cells.append(f"rm-gold agreement {row['rm_gold_acc']:.3f}")
     return " | ".join(cells)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanorlhf.data import SENTENCE_END  # the same sentence splitter that cuts prompts
+
 # Subtracted per unit of repeated-3-gram share (in [0, 1)). The share grows towards 1
 # as a loop gets longer, so "happy happy happy ..." (sentiment near +1) falls below an
 # ordinary happy sentence: repeating a positive word cannot buy sentiment.
@@ -29,7 +31,6 @@ NO_END_PENALTY = 0.5
 EMPTY_PENALTY = 0.5
 
 EOT = "<|endoftext|>"
-SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]["”])\s+')
 INTENSIFIERS = {"very", "so", "really", "super"}  # the "flowery" bias also counts "!"
 
 _analyzer = None  # VADER's SentimentIntensityAnalyzer, created on first use

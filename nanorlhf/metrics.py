@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nanorlhf.checkpoint import atomic_write  # noqa: E402
+
 
 def _fmt(v):
     if isinstance(v, float):
@@ -26,6 +28,22 @@ class MetricsLog:
             os.makedirs(out_dir, exist_ok=True)
             if not resume and os.path.exists(self.path):
                 os.remove(self.path)
+
+    def keep_until(self, step):
+        """On resume from a checkpoint at `step`: drop the records logged after it (and a line a
+        killed run left half-written), so that the log goes on without repeated steps."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        atomic_write(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
 
     def log(self, step, quiet=False, **metrics):
         if not self.enabled:

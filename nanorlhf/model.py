@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -28,9 +29,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated once for the whole rollout
-    (B, nh, max_len, hd): decoding writes one column per step instead of growing
-    tensors with cat. Column j of the cache holds position j of the left-padded sequence.
+    """Keys and values, one (B, nh, max_len, hd) tensor per layer, preallocated once for
+    the whole rollout: decoding writes one column per step instead of growing tensors
+    with cat. Column j of the cache holds position j of the left-padded sequence.
     static_shapes False: attention reads the filled columns only (fewest bytes, eager mode).
     static_shapes True: attention reads all max_len columns (unfilled ones masked), so every
     step has the same shapes, as torch.compile and CUDA graphs want."""
@@ -88,8 +89,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v, columns)  # (B, nh, max_len, hd)
         # softmax(q k^T / sqrt(hd) + bias) v; attn_bias is 0 where allowed, -inf where masked
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0)
+        # (None: plain causal attention, which lets SDPA pick its flash kernel)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=attn_bias is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
         # END ASSIGNMENT
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -145,6 +147,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.grad_checkpoint = False  # --grad_checkpoint: recompute each block in the backward pass
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
@@ -174,11 +177,13 @@ class GPT(nn.Module):
         the keys cached so far plus idx (or all max_len cache columns)."""
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
+        causal_only = attention_mask is None and kv_cache is None  # no padding: the fused causal kernel
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
         if position_ids is None:
             position_ids = (attention_mask[:, :past + T].cumsum(1) - 1).clamp(min=0)[:, -T:]
-        if kv_cache is None and int(position_ids.max()) >= self.config.block_size:  # the sampler checks up front
+        # the sampler checks up front; torch.compile skips the check (reading the max would split its graph)
+        if kv_cache is None and not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.block_size:
             raise ValueError(f"sequence reaches position {int(position_ids.max())} but block_size is "
                              f"{self.config.block_size}: shorten prompt + response or raise block_size")
         columns = torch.arange(T, device=idx.device)  # (T,) cache columns of the new tokens
@@ -189,9 +194,14 @@ class GPT(nn.Module):
                 attention_mask = F.pad(attention_mask, (0, width - attention_mask.size(1)))
             attention_mask = attention_mask[:, :width]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
-        attn_bias = attention_bias(attention_mask, columns, x.dtype)
+        attn_bias = None if causal_only else attention_bias(attention_mask, columns, x.dtype)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_bias, kv_cache, layer, columns)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # gradient checkpointing (Chen et al. 2016): keep only each block's input and recompute
+                # its activations in the backward pass: ~1/3 more compute for a fraction of the memory
+                x = checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, attn_bias, kv_cache, layer, columns)
         if kv_cache is not None:
             kv_cache.pos += T
             kv_cache.next_column += T

@@ -55,9 +55,9 @@ def last_token_index(mask):
 # Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2 (the per-token split is lm-human-preferences').
 def kl_penalty_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """scores (B,), logprobs/ref_logprobs/mask (B, T) -> rewards (B, T), 0 on padding."""
-    # BEGIN ASSIGNMENT kl_penalty_rewards
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"scores must be (B,) = {tuple(logprobs.shape[:1])}, got {tuple(scores.shape)}")
+    # BEGIN ASSIGNMENT kl_penalty_rewards
     real = mask > 0
     kl = logprobs - ref_logprobs                                               # (B, T)
     rewards = torch.where(real, -kl_coef * kl, torch.zeros_like(kl))           # (B, T)

@@ -15,10 +15,11 @@ Rules (reading is all-or-nothing: a broken file stops the run before it starts):
   * "weight", when present, is a positive number; it defaults to 1.0
   * other keys are kept as metadata
 """
+import hashlib
 import json
 import math
-import os
-import tempfile
+
+from nanorlhf.checkpoint import atomic_write
 
 
 class PreferenceFileError(ValueError):
@@ -98,18 +99,12 @@ def read_prefs(path):
     return rows
 
 
+def prefs_digest(rows):
+    """A fingerprint of the pairs (sha256 of their JSON): a resumed run checks that it trains on the same ones."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def write_prefs(path, rows):
-    """Write rows as JSONL atomically: a temp file in the same folder, fsync, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prefs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write rows as JSONL atomically (checkpoint.atomic_write: a temp file in the same folder, fsync, rename)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

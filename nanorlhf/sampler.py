@@ -15,8 +15,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.model import logprobs_from_logits
-
 
 def filter_logits(logits, top_k=None, top_p=None):
     """Set logits outside the top-k / nucleus (top-p) set to -inf. (B, V) -> (B, V)"""
@@ -45,7 +43,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     probs = logprobs.exp() if filtered is logits else filtered.softmax(-1)  # (B, V)
     token = _inverse_cdf_draw(probs, generator)
     if filtered is not logits:  # a cut token has probability 0; a GPU's parallel cumsum could still round onto one
-        token = torch.where(probs.gather(-1, token[:, None])[:, 0] > 0, token, probs.argmax(-1))
+        token = torch.where(probs.gather(-1, token[:, None])[:, 0] > 0, token, probs.max(-1).indices)
     return token, logprobs.gather(-1, token[:, None])[:, 0]
 
 
@@ -106,6 +104,7 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, finished_before = [], [], []
     for t in range(max_new_tokens):
+        # BEGIN ASSIGNMENT generate
         token, logprob = sample_token(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, eos_id)
         tokens.append(token)
@@ -117,25 +116,24 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
         attn_mask[:, P + t] = 1
         logits = decode_step(token[:, None], position, attn_mask, cache)  # (B, V)
         position = position + 1
+        # END ASSIGNMENT
     return _finish(tokens, logprobs, finished_before, eos_id)
 
 
 # ---------------------------------------------------------------------------
 # The decode step: token (B, 1), position (B, 1), attn_mask (B, L), cache -> logits (B, V)
-# of the next token, the new key/value written into the cache. Three ways to run it.
+# of the next token, its key and value written into the cache. Three ways to run it.
 
 def make_decode_step(model, mode="eager"):
-    """mode "eager" (op by op), "compile" (torch.compile) or "cuda_graph" (capture once per
-    batch size and cache length, replay each step). Without CUDA the last two fall back to eager."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    if mode == "eager":
-        return EagerDecodeStep(model)
-    if mode not in ("compile", "cuda_graph"):
+    """mode "eager" (op by op), "compile" (torch.compile; also runs on CPU) or "cuda_graph"
+    (captured once per batch size and cache length, then replayed; eager without CUDA).
+    Make it once and pass it to every generate call: it keeps its compiled code or graphs."""
+    if mode not in ("eager", "compile", "cuda_graph"):
         raise ValueError(f"unknown decode step mode {mode!r}: eager | compile | cuda_graph")
-    if not cuda:
-        print(f"decode step: {mode} needs a CUDA device; using eager")
-        return EagerDecodeStep(model)
-    return CompiledDecodeStep(model) if mode == "compile" else CUDAGraphDecodeStep(model)
+    if mode == "cuda_graph" and next(model.parameters()).device.type != "cuda":
+        print("decode step: CUDA graphs need the model on a CUDA device; running eager")
+        mode = "eager"
+    return {"eager": EagerDecodeStep, "compile": CompiledDecodeStep, "cuda_graph": CUDAGraphDecodeStep}[mode](model)
 
 
 class EagerDecodeStep:
@@ -152,12 +150,14 @@ class EagerDecodeStep:
 
 
 class CompiledDecodeStep(EagerDecodeStep):
-    """torch.compile of the step over a static-shape cache: every step has the same shapes,
-    so it compiles once per batch size and cache length (fused kernels, fewer launches)."""
+    """torch.compile of the step over a static-shape cache: every step has the same shapes, so it
+    compiles once per batch size and cache length (the first call takes seconds to a minute).
+    Where compiling fails (no C++ compiler for CPU code, no Triton for GPU code) it runs eager."""
 
     def __init__(self, model):
         super().__init__(model)
         self.compiled = torch.compile(super().__call__, dynamic=False)
+        self.ran = False
 
     def new_kv_cache(self, batch_size, max_len, dtype):
         return self.model.new_kv_cache(batch_size, max_len, dtype, static_shapes=True)
@@ -166,15 +166,24 @@ class CompiledDecodeStep(EagerDecodeStep):
         # a static-shape step never reads the python count cache.pos; holding it at 0 during the
         # call keeps torch.compile from specialising on its value (and recompiling every step)
         pos, cache.pos = cache.pos, 0
-        logits = self.compiled(token, position, attn_mask, cache)
+        try:
+            logits = self.compiled(token, position, attn_mask, cache)
+        except Exception as e:  # compiling fails before the step runs: the cache is as it was
+            if self.ran:
+                raise
+            print(f"decode step: torch.compile failed ({type(e).__name__}); running eager")
+            self.compiled = super().__call__
+            logits = self.compiled(token, position, attn_mask, cache)
+        self.ran = True
         cache.pos = pos + 1
         return logits
 
 
 class CUDAGraphDecodeStep(EagerDecodeStep):
     """The step captured in a CUDA graph once per (batch size, cache length, dtype) and replayed:
-    one launch per step instead of one per op. A replay reads and writes fixed addresses, so
-    this object owns the caches and the input buffers; each call copies its inputs in."""
+    one launch per step instead of one per op. A replay reads and writes fixed addresses, so this
+    object owns the caches and input buffers, and each call copies its inputs in. The graph reads
+    the weights in place: optimizer steps are seen; a model moved or rebuilt needs a new step."""
 
     def __init__(self, model):
         super().__init__(model)
@@ -182,15 +191,15 @@ class CUDAGraphDecodeStep(EagerDecodeStep):
         self.pool = torch.cuda.graph_pool_handle()  # the graphs share one memory pool
 
     def new_kv_cache(self, batch_size, max_len, dtype):
-        key = (batch_size, max_len, dtype)
+        key = (batch_size, max_len, dtype or next(self.model.parameters()).dtype)
         if key not in self.graphs:
-            self.graphs[key] = {"cache": self.model.new_kv_cache(batch_size, max_len, dtype, static_shapes=True)}
+            self.graphs[key] = {"cache": self.model.new_kv_cache(batch_size, max_len, key[2], static_shapes=True)}
         cache = self.graphs[key]["cache"]
         cache.reset()
         return cache
 
     def __call__(self, token, position, attn_mask, cache):
-        entry = self.graphs[(cache.k[0].size(0), cache.max_len, cache.k[0].dtype)]
+        entry = self.graphs[(token.size(0), cache.max_len, cache.k[0].dtype)]
         if "graph" not in entry:
             self._capture(entry, token, position, attn_mask)
         for buffer, value in zip(entry["inputs"], (token, position, attn_mask)):
@@ -201,26 +210,26 @@ class CUDAGraphDecodeStep(EagerDecodeStep):
 
     def _capture(self, entry, token, position, attn_mask):
         cache = entry["cache"]
-        entry["inputs"] = inputs = (token.clone(), position.clone(), attn_mask.clone())
-        saved_pos, saved_column = cache.pos, cache.next_column.clone()
+        inputs = entry["inputs"] = (token.clone(), position.clone(), attn_mask.clone())
+        pos, column = cache.pos, cache.next_column.clone()
         step = lambda: EagerDecodeStep.__call__(self, *inputs, cache)
         with _autocast_without_cache():
-            side = torch.cuda.Stream()  # warm-up (lazy initialisation, cuBLAS workspaces) before capture
+            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side):  # warm up off the capture: lazy initialisation, cuBLAS workspaces
                 for _ in range(2):
                     step()
-                    cache.pos, _ = saved_pos, cache.next_column.copy_(saved_column)
+                    cache.next_column.copy_(column)
             torch.cuda.current_stream().wait_stream(side)
             entry["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(entry["graph"], pool=self.pool):
+            with torch.cuda.graph(entry["graph"], pool=self.pool):  # records the kernels, runs none
                 entry["logits"] = step()
-        cache.pos = saved_pos  # capture records kernels without running them: only python state moved
+        cache.pos = pos  # the python count moved during warm-up and capture; the device count is back
 
 
 def _autocast_without_cache():
-    """Autocast as enabled now, but without its weight-cast cache: a captured graph must recompute
-    the casts on replay rather than point at cached copies freed when the autocast block ends."""
+    """Autocast as it is now, minus its cache of cast weights: a captured graph must redo the
+    casts on replay, not point at cached copies that are freed when the autocast block ends."""
     if not torch.is_autocast_enabled("cuda"):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

@@ -20,6 +20,8 @@ from collections import Counter, defaultdict
 import regex  # a tiktoken dependency; the GPT-2 pattern needs \p{L} classes
 import tiktoken
 
+from nanorlhf.checkpoint import atomic_write
+
 EOT = "<|endoftext|>"
 
 # GPT-2's pre-tokenisation pattern, exactly as tiktoken's "gpt2" encoding uses it:
@@ -152,13 +154,7 @@ def same_tokenizer(state_a: dict, state_b: dict) -> bool:
 
 def save_tokenizer(enc: tiktoken.Encoding, path: str) -> None:
     """Write tokenizer_state(enc) as JSON, atomically (a crash never leaves a half-written file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(tokenizer_state(enc), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(tokenizer_state(enc)).encode("utf-8")))
 
 
 def load_tokenizer(path: str) -> tiktoken.Encoding:

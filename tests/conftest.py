@@ -47,3 +47,17 @@ def left_padded(lengths, vocab_size, seed=0, pad_id=None):
     if pad_id is not None:
         tokens = tokens.masked_fill(mask == 0, pad_id)
     return tokens, mask
+
+
+# Right-padded response rows for the PPO math: lengths 3, 1 (a lone EOT), 5 (full, no EOT), 0 (empty), 2
+RAGGED_LENGTHS = [3, 1, 5, 0, 2]
+
+
+def ragged_mask(lengths=RAGGED_LENGTHS, T=5):
+    """(B, T) float64 mask, 1 on the first lengths[b] tokens of row b."""
+    return torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths], dtype=torch.float64)
+
+
+def with_garbage(x, mask, value=1e6):
+    """x with junk on the padding: results on real tokens must not depend on it."""
+    return torch.where(mask > 0, x, torch.full_like(x, value))

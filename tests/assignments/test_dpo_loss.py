@@ -1,12 +1,10 @@
-"""nanorlhf/dpo.py against hand-computed values and the closed form."""
-import inspect
+"""Assignment dpo_loss (nanorlhf/dpo.py): the DPO loss against hand-computed values, the closed
+form per row, its value at the reference policy and the signs of its gradient."""
 import math
-import re
 
 import pytest
 import torch
 
-from nanorlhf import dpo
 from nanorlhf.dpo import dpo_loss
 
 
@@ -55,14 +53,3 @@ def test_dpo_loss_gradient_signs_and_detached_rewards():
     # d loss / d pc = -beta * sigmoid(-beta * m)
     m = (pc - rc) - (pr - rr)
     torch.testing.assert_close(pc.grad, -0.1 * torch.sigmoid(-0.1 * m.detach()))
-
-
-def test_dpo_assignment_region_is_whole_body():
-    source = inspect.getsource(dpo)
-    pattern = re.compile(r"^( *)# BEGIN ASSIGNMENT dpo_loss\n.*?^ *# END ASSIGNMENT\n", re.S | re.M)
-    stripped, count = pattern.subn(lambda m: f'{m.group(1)}raise NotImplementedError("dpo_loss")\n', source)
-    assert count == 1
-    namespace = {}
-    exec(compile(stripped, "dpo_stripped", "exec"), namespace)
-    with pytest.raises(NotImplementedError):
-        namespace["dpo_loss"](*(torch.zeros(1) for _ in range(4)), beta=0.1)

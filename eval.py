@@ -1,0 +1,157 @@
+"""Evaluate every method on the same held-out prompts with the same random draws, and rank them.
+
+python eval.py                                       # out/sft, out/ppo, out/dpo and best-of-1, 4, 16 from out/sft
+python eval.py --ckpts out/ppo,out/study/ppo_length_kl0.01 --bon 16
+python eval.py --preset tiny --sft_dir /tmp/sft --rm_dir /tmp/rm --ckpts /tmp/ppo --bon 1,2
+
+Columns (mean ± standard error over prompts):
+  gold      the gold judge (nanorlhf/judge.py), what people really want; no method ever sees it
+  reward    the reward model's score, normalised to mean 0, std 1 on SFT samples: what PPO maximised
+  kl        KL(policy || SFT) in nats per response: sum of log pi - log pi_ref over the sampled tokens;
+            for best-of-n the analytic log n - (n - 1) / n (Stiennon et al. 2020)
+  win rate  share of prompts where the gold judge prefers the method's response to SFT's (ties 1/2)
+  words     response length; ended: share that emitted <|endoftext|>; distinct-2: unique word bigrams
+  rm-gold   share of pairs of the method's own responses that the RM orders as the gold judge does
+Best-of-1 draws exactly the SFT samples (same seed): its row equals SFT's, a check of the set-up.
+Writes out_dir/results.json (every row, the settings, side-by-side samples) and results.md (the table).
+"""
+import json
+import os
+import textwrap
+
+import torch
+
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
+from nanorlhf.config import EvalConfig, parse_config, print_config, setup_runtime
+from nanorlhf.data import load_corpus, split_prompt, train_val_stories
+from nanorlhf.evaluate import evaluate_best_of_n, evaluate_policy, format_row
+
+WIDTH = 100  # console width of the side-by-side samples
+
+cfg = parse_config(EvalConfig, "eval", description=__doc__)
+rt = setup_runtime(cfg)
+print_config(cfg)
+
+# ---------------------------------------------------------------- reference policy, reward model, prompts
+try:
+    reference, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
+except CheckpointError as e:
+    raise SystemExit(str(e))
+reference.eval().requires_grad_(False)
+rm.eval().requires_grad_(False)
+gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]
+if cfg.max_prompt_tokens + cfg.max_new_tokens > reference.config.block_size:
+    raise SystemExit(f"max_prompt_tokens + max_new_tokens ({cfg.max_prompt_tokens} + {cfg.max_new_tokens}) exceed "
+                     f"the model's block_size {reference.config.block_size}: pass the --preset the checkpoints were "
+                     f"trained with ({sft_ckpt['config']['preset']})")
+try:
+    _, val_stories = train_val_stories(load_corpus(cfg.dataset))
+except (OSError, ValueError, RuntimeError) as e:
+    raise SystemExit(str(e))
+prompts = [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(cfg.n_prompts)]  # as train_ppo's
+
+
+def same_draws():
+    """Every method gets the same random numbers (seed + 1, as train_ppo.py's final evaluation)."""
+    return torch.Generator(rt.device).manual_seed(cfg.seed + 1)
+
+
+# ---------------------------------------------------------------- every method on the same prompts
+print(f"{len(prompts)} held-out prompts | temperature {cfg.temperature} | max_new_tokens {cfg.max_new_tokens}")
+results, skipped = [], []  # results: dicts of method, source, row, samples
+sft_row, sft_samples = evaluate_policy(reference, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws())
+results.append({"method": "sft", "source": cfg.sft_dir, "row": sft_row, "samples": sft_samples})
+for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
+    if os.path.realpath(ckpt_dir) == os.path.realpath(cfg.sft_dir):
+        continue  # the reference is evaluated above
+    if not os.path.exists(ckpt_path(ckpt_dir)):
+        print(f"note: no checkpoint at {ckpt_path(ckpt_dir)}; skipping it")
+        skipped.append(ckpt_dir)
+        continue
+    try:
+        stage = load_checkpoint(ckpt_dir)["stage"]
+        if stage == "rm":
+            raise CheckpointError(f"{ckpt_dir} holds a reward model, not a policy: "
+                                  f"pass sft, ppo or dpo dirs in --ckpts")
+        policy = load_model(ckpt_dir, stage, rt.device, tokenizer_of=sft_ckpt)[0].eval()
+    except CheckpointError as e:
+        raise SystemExit(str(e))
+    name = os.path.basename(os.path.normpath(ckpt_dir))
+    name = name if stage in name else f"{stage}:{name}"
+    if any(r["method"] == name for r in results):
+        name = ckpt_dir
+    row, samples = evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws(),
+                                   baseline_gold=sft_samples["gold"])
+    results.append({"method": name, "source": ckpt_dir, "row": row, "samples": samples})
+    print(format_row(name, row), flush=True)
+for n in [int(x) for x in cfg.bon.split(",") if x.strip()]:
+    row, samples = evaluate_best_of_n(reference, rm, gain, bias, enc, prompts, n, cfg, rt, same_draws(),
+                                      baseline_gold=sft_samples["gold"])
+    results.append({"method": f"best-of-{n}", "source": f"{cfg.sft_dir} x {n}", "row": row, "samples": samples})
+    print(format_row(f"best-of-{n}", row), flush=True)
+ranked = sorted(results, key=lambda r: -r["row"]["gold"][0])
+
+# ---------------------------------------------------------------- the table, the samples, the files
+print(f"\nranked by gold score on {len(prompts)} held-out prompts:")
+for r in ranked:
+    print(format_row(r["method"], r["row"]))
+
+
+def cell(row, key, digits=3):
+    if key not in row:
+        return "—"
+    if key == "kl" and row.get("kl_analytic"):
+        return f"{row['kl'][0]:.{digits}f} (analytic)"
+    m, se = row[key]
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_table(ranked):
+    lines = ["| rank | method | gold | RM reward | KL to SFT | win rate vs SFT | words | ended | distinct-2 | "
+             "RM-gold agreement |", "|" + "---|" * 10]
+    for i, r in enumerate(ranked, 1):
+        row = r["row"]
+        lines.append(f"| {i} | {r['method']} | {cell(row, 'gold')} | {cell(row, 'reward')} | {cell(row, 'kl')} | "
+                     f"{cell(row, 'win_rate')} | {cell(row, 'length', 1)} | {row['ended']:.0%} | "
+                     f"{row['distinct2']:.3f} | {row.get('rm_gold_acc', float('nan')):.3f} |")
+    return lines
+
+
+shown = [{"prompt": prompts[i], **{r["method"]: {"response": r["samples"]["texts"][i],
+                                                 "gold": float(r["samples"]["gold"][i]),
+                                                 "reward": float(r["samples"]["rewards"][i])} for r in ranked}}
+         for i in range(min(cfg.n_samples, len(prompts)))]
+print()
+for sample in shown:
+    print(textwrap.fill("PROMPT: " + sample["prompt"], WIDTH))
+    for method, resp in ((k, v) for k, v in sample.items() if k != "prompt"):
+        print(textwrap.fill(f"[{method}] gold {resp['gold']:.3f} | reward {resp['reward']:.3f} | {resp['response']}",
+                            WIDTH, subsequent_indent="    "))
+    print("-" * WIDTH)
+
+os.makedirs(cfg.out_dir, exist_ok=True)
+settings = {k: getattr(cfg, k) for k in ("sft_dir", "rm_dir", "n_prompts", "seed", "temperature", "max_prompt_tokens",
+                                         "max_new_tokens", "no_eos_penalty", "preset")}
+with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+    json.dump({"settings": settings, "skipped": skipped,
+               "rows": [{"rank": i, "method": r["method"], "source": r["source"], **r["row"]}
+                        for i, r in enumerate(ranked, 1)],
+               "samples": shown}, f, indent=1)
+md = ["# nanorlhf evaluation", "",
+      f"{len(prompts)} held-out prompts (first sentences of validation stories), temperature {cfg.temperature}, "
+      f"max_new_tokens {cfg.max_new_tokens}, the same random draws for every method (seed {cfg.seed + 1}). "
+      f"Reference: `{cfg.sft_dir}`; reward model: `{cfg.rm_dir}`. Mean ± standard error over prompts; KL in nats "
+      f"per response (sampled for policies, analytic log n - (n-1)/n for best-of-n).", "",
+      *markdown_table(ranked), ""]
+if skipped:
+    md += [f"Skipped (no checkpoint): {', '.join(skipped)}", ""]
+md += ["## Samples", ""]
+for sample in shown:
+    md += [f"**Prompt:** {sample['prompt']}", ""]
+    md += [f"- **{k}** (gold {v['gold']:.3f}, reward {v['reward']:.3f}): {v['response']}"
+           for k, v in sample.items() if k != "prompt"]
+    md += [""]
+with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
+    f.write("\n".join(md))
+print(f"saved {cfg.out_dir}/results.json and results.md")

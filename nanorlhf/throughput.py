@@ -1,0 +1,217 @@
+"""How fast training runs: tokens per second and model FLOPs utilisation (MFU) of an SFT step,
+and where the time of one PPO iteration goes. bench.py prints them (`bench.py train`, `bench.py ppo`).
+
+Both build random-init models of a preset's size and feed them random tokens: no checkpoint and
+no corpus needed, and the numbers are those of the same calls the train scripts make.
+"""
+import copy
+import resource
+import time
+
+import torch
+
+from nanorlhf.config import PRESETS, Runtime
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
+from nanorlhf.ppo import compute_gae, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
+from nanorlhf.reward import score
+from nanorlhf.sampler import generate
+from nanorlhf.train import backward, make_optimizer, optimizer_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Peak dense (no 2:4 sparsity) tensor-core FLOP/s of one GPU, from the vendor's data sheets:
+# (bf16/fp16, fp32 matmuls run as TF32, which setup_runtime turns on). Unknown GPUs and CPUs get no
+# MFU, only the achieved FLOP/s. Keys are matched against torch.cuda.get_device_name(), first match wins.
+PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 495e12),  # SXM
+    "H200": (989e12, 495e12),  # the H100's compute with more and faster memory
+    "A100": (312e12, 156e12),
+}
+
+
+# Training FLOPs per token of a GPT (Kaplan et al. 2020 Sec. 2.1; PaLM, Chowdhery et al. 2022, App. B;
+# nanoGPT's estimate_mfu):  6 N + 12 L C T
+#   6 N       each weight does one multiply-add (2 FLOPs) per token forwards and two backwards;
+#             N = the parameters less the position embeddings (a lookup): the token embedding
+#             counts through the matmul of the LM head tied to it
+#   12 L C T  attention scores q k^T and their sum over v: 2 matmuls of 2 T C FLOPs per token per
+#             layer forwards, x3 with the backward; causal masking's half is not subtracted
+def model_flops_per_token(config, seq_len):
+    """Training FLOPs per token of a GPTConfig (or a GPT) at sequence length seq_len."""
+    if isinstance(config, GPTConfig):
+        with torch.device("meta"):  # counts the parameters without allocating them
+            config = GPT(config)
+    c = config.config
+    return 6 * config.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of the device at dtype, or None when not in PEAK_FLOPS (CPUs, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_FLOPS.items():
+        if key in name:
+            return tf32 if dtype == torch.float32 else half
+    return None
+
+
+def _runtime(device, dtype):
+    device, dtype = torch.device(device), DTYPES.get(dtype, dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as setup_runtime
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Runtime(device=device, dtype=dtype, scaler=scaler)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gb(device):
+    """GPU: the most memory tensors held since the last reset. CPU: the process's peak resident
+    set so far (ru_maxrss, kB on Linux), which no reset lowers."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def model_config(preset):
+    a = PRESETS[preset]["all"]
+    return GPTConfig(vocab_size=a["vocab_size"], block_size=a["block_size"], n_layer=a["n_layer"],
+                     n_head=a["n_head"], n_embd=a["n_embd"])
+
+
+def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compile=False, steps=10,
+              batch_size=None, grad_checkpoint=False, warmup=2):
+    """Time `steps` SFT training steps (forward, fp32 cross-entropy, backward, clipped AdamW step)
+    on batches of random tokens, block_size long, after `warmup` steps (compilation, allocator).
+    preset_or_config: a preset name (its model and SFT batch size) or a GPTConfig (give batch_size)."""
+    if isinstance(preset_or_config, str):
+        config = model_config(preset_or_config)
+        batch_size = batch_size or PRESETS[preset_or_config]["sft"]["batch_size"]
+    else:
+        config, batch_size = preset_or_config, batch_size or 8
+    rt = _runtime(device, dtype)
+    torch.manual_seed(0)
+    model = GPT(config).to(rt.device).train()
+    model.grad_checkpoint = grad_checkpoint
+    optimizer = make_optimizer(model, 1e-4, 0.1, rt.device)
+    trained = torch.compile(model) if compile else model
+    B, T = batch_size, config.block_size
+    x = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
+    y = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
+
+    def step():
+        with rt.autocast():
+            logits = trained(x)  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32, as train_sft
+        backward(loss, rt)
+        optimizer_step(model, optimizer, rt, grad_clip=1.0)
+
+    for _ in range(warmup):
+        step()
+    _reset_peak_memory(rt.device)
+    _sync(rt.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(rt.device)
+    seconds = (time.perf_counter() - t0) / steps
+    tokens_per_s = B * T / seconds
+    flops_per_token = model_flops_per_token(model, T)
+    flops = flops_per_token * tokens_per_s  # achieved FLOP/s
+    peak = peak_flops(rt.device, rt.dtype)
+    return {"params_M": model.num_params() / 1e6, "batch_size": B, "seq_len": T, "dtype": str(rt.dtype),
+            "compile": compile, "grad_checkpoint": grad_checkpoint, "step_s": seconds,
+            "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token, "tflops": flops / 1e12,
+            "peak_tflops": peak / 1e12 if peak else None, "mfu": flops / peak if peak else None,
+            "peak_mem_gb": _peak_memory_gb(rt.device)}
+
+
+def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=1, seed=0):
+    """Time one PPO iteration of a preset's size, phase by phase, as train_ppo.py runs it:
+    rollout (generate), score (reward model), ref_value (old and reference logprobs, old values,
+    rewards, GAE), learn (ppo_epochs x n_minibatches clipped-loss steps of policy and value model).
+    Random-init models; <|endoftext|> is the last id, which random weights rarely draw, so every
+    response runs to max_new_tokens: the longest iteration. One iteration is run first, untimed."""
+    rt = _runtime(device, dtype)
+    a, p = PRESETS[preset]["all"], PRESETS[preset]["ppo"]
+    B, P, N = p["rollout_batch"], a["max_prompt_tokens"], a["max_new_tokens"]
+    minibatch, epochs = B // p["n_minibatches"], 4  # PPOConfig.ppo_epochs
+    torch.manual_seed(seed)
+    config = model_config(preset)
+    policy = GPT(config).to(rt.device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarGPT(config).to(rt.device).eval().requires_grad_(False)
+    value_model = ScalarGPT(config).to(rt.device)
+    policy_opt = make_optimizer(policy, 1e-5, 0.0, rt.device)
+    value_opt = make_optimizer(value_model, 1e-5, 0.0, rt.device)
+    policy_train, value_train = (torch.compile(m) if compile else m for m in (policy, value_model))
+    eos = config.vocab_size - 1
+    generator = torch.Generator(rt.device).manual_seed(seed)
+    prompt = torch.randint(0, eos, (B, P), device=rt.device, generator=generator)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[B // 2:, :P // 2] = 0  # half the rows left-padded to half length, as real prompts
+    prompt = prompt.masked_fill(prompt_mask == 0, eos)
+
+    def values_of(model, *args):  # as train_ppo.values_of: V(s_t) for each response token, fp32 (b, N)
+        idx, mask, pos = join_prompt_response(*args)
+        return model(idx, position_ids=pos, attention_mask=mask)[:, P - 1:-1].float()
+
+    def iteration():
+        times = {}
+        t = time.perf_counter()
+        with rt.autocast():
+            rollout = generate(policy.eval(), prompt, prompt_mask, N, eos_id=eos, generator=generator)
+        policy.train()
+        response, mask = rollout["tokens"], rollout["mask"]
+        _sync(rt.device)
+        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            scores = score(rm, prompt, prompt_mask, response, mask)
+        _sync(rt.device)
+        times["score_s"], t = time.perf_counter() - t, time.perf_counter()
+        old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask, dtype=torch.float) for _ in range(3))
+        with torch.no_grad(), rt.autocast():
+            for mb in torch.arange(B, device=rt.device).split(minibatch):
+                args = (prompt[mb], prompt_mask[mb], response[mb], mask[mb])
+                old_logprobs[mb] = logprobs_from_logits(response_logits(policy_train, *args), response[mb])
+                ref_logprobs[mb] = logprobs_from_logits(response_logits(reference, *args), response[mb])
+                old_values[mb] = values_of(value_train, *args)
+            rewards = kl_penalty_rewards(scores, old_logprobs, ref_logprobs, mask, 0.1)
+            advantages, returns = compute_gae(rewards, old_values * mask, mask, 1.0, 0.95)
+            advantages = masked_whiten(advantages, mask)
+        _sync(rt.device)
+        times["ref_value_s"], t = time.perf_counter() - t, time.perf_counter()
+        for _ in range(epochs):
+            for mb in torch.randperm(B, device=rt.device, generator=generator).split(minibatch):
+                args = (prompt[mb], prompt_mask[mb], response[mb], mask[mb])
+                with rt.autocast():
+                    logits = response_logits(policy_train, *args)  # (b, N, V)
+                    values = values_of(value_train, *args)  # (b, N)
+                new_logprobs = logprobs_from_logits(logits, response[mb])  # fp32 from here on
+                pg_loss, _ = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mask[mb], 0.2)
+                vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], 0.2)
+                backward(pg_loss + 0.1 * vf_loss, rt)
+                optimizer_step(policy, policy_opt, rt, 1.0, update_scaler=False)
+                optimizer_step(value_model, value_opt, rt, 1.0)
+        _sync(rt.device)
+        times["learn_s"] = time.perf_counter() - t
+        return times, int(mask.sum())
+
+    for _ in range(warmup):
+        iteration()
+    _reset_peak_memory(rt.device)
+    times, response_tokens = iteration()
+    total = sum(times.values())
+    return {**times, "total_s": total, "rollout_batch": B, "max_new_tokens": N, "response_tokens": response_tokens,
+            "rollout_tokens_per_s": response_tokens / times["rollout_s"], "dtype": str(rt.dtype), "compile": compile,
+            "peak_mem_gb": _peak_memory_gb(rt.device)}

@@ -1,0 +1,50 @@
+"""Assignment reward_readout (nanorlhf/reward.py): the reward is read at the last real token of
+left-padded prompt + right-padded response. DESIGN detail 2. The model here is a stand-in without
+attention, so these tests need no other assignment."""
+import torch
+
+from conftest import TINY, left_padded
+from nanorlhf.data import right_pad
+from nanorlhf.reward import last_real_index, score
+
+PROMPT_LENGTHS = [3, 5, 1, 4]
+RESPONSES = [[4, 7], [], [1, 2, 3, 5], [9]]  # right padded; row 1 is empty
+PAD = TINY["vocab_size"] - 1
+
+
+class PositionTokenValue(torch.nn.Module):
+    """A stand-in scalar model: the value at a column is 100 * its position id + its token id,
+    so a score tells at which position and token it was read."""
+
+    def forward(self, idx, position_ids=None, attention_mask=None):
+        return 100.0 * position_ids + idx  # (B, T)
+
+
+def batch():
+    prompt, prompt_mask = left_padded(PROMPT_LENGTHS, TINY["vocab_size"], seed=4)
+    response, response_mask = right_pad(RESPONSES, pad_id=PAD)
+    return prompt, prompt_mask, response, response_mask
+
+
+def test_last_real_index_under_left_and_right_padding():
+    prompt, prompt_mask, response, response_mask = batch()
+    P = prompt.size(1)
+    expected = []
+    for b in range(len(RESPONSES)):  # the obviously-correct loop: scan the joined mask for the last 1
+        joined = prompt_mask[b].tolist() + response_mask[b].tolist()
+        expected.append(max(i for i, m in enumerate(joined) if m))
+    assert last_real_index(prompt_mask, response_mask).tolist() == expected
+    assert expected == [P + 1, P - 1, P + 3, P + 0]  # row 1: empty response -> the last prompt column
+
+
+def test_score_reads_the_last_real_token_like_each_row_alone():
+    model = PositionTokenValue()
+    prompt, prompt_mask, response, response_mask = batch()
+    scores = score(model, prompt, prompt_mask, response, response_mask)
+    for b, (n, resp) in enumerate(zip(PROMPT_LENGTHS, RESPONSES)):
+        alone = torch.cat([prompt[b, -n:], torch.tensor(resp, dtype=torch.long)])  # no padding: positions 0, 1, ...
+        assert scores[b].item() == 100.0 * (len(alone) - 1) + alone[-1].item(), b
+    # the check can fail: the last column of the padded batch is another number for short rows
+    idx = torch.cat([prompt, response], 1)
+    pos = (torch.cat([prompt_mask, response_mask], 1).cumsum(1) - 1).clamp(min=0)
+    assert not torch.equal(model(idx, pos)[:, -1], scores)

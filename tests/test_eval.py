@@ -1,0 +1,157 @@
+"""eval.py and study.py: the evaluation pieces against hand-computed values, best-of-n against a
+loop and its analytic KL against an exact sum, then subprocess smoke runs on tiny checkpoints
+(one SFT -> RM -> PPO run shared by the module), including the iterated-RLHF hooks."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nanorlhf.evaluate import best_of_n_kl, best_of_n_pick, distinct_n, mean_se, pairwise_agreement, win_rate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two contended ones
+TINY = ("--preset", "tiny", "--device", "cpu")
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- the pieces, by hand
+
+def test_win_rate_counts_ties_as_half():
+    a, b = [1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 0.5, 0.1]  # win, loss, tie, win -> 1, 0, 1/2, 1
+    m, se = win_rate(a, b)
+    assert m == pytest.approx(2.5 / 4)
+    # sample variance of (1, 0, .5, 1) about .625: (.140625 + .390625 + .015625 + .140625) / 3
+    assert se == pytest.approx(math.sqrt(0.6875 / 3) / 2)
+    assert mean_se([2.0, 4.0]) == pytest.approx((3.0, 1.0))
+
+
+def test_best_of_n_picks_the_argmax_of_each_prompt():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=5 * 4)  # 5 prompts, 4 samples each, side by side
+    expected = []
+    for p in range(5):
+        group = list(rewards[p * 4:(p + 1) * 4])
+        expected.append(p * 4 + group.index(max(group)))
+    assert best_of_n_pick(rewards, 4).tolist() == expected
+    assert best_of_n_pick([0.1, 0.9, 0.3, 2.0, 1.0, -1.0], 3).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="multiple of n"):
+        best_of_n_pick([1.0, 2.0, 3.0], 2)
+
+
+def test_best_of_n_kl_analytic_value_and_exact_sum():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 3 / 4)  # 0.6363
+    # exact KL of best-of-4 over m equally likely responses with distinct rewards: the i-th worst is
+    # kept with probability (i/m)^4 - ((i-1)/m)^4; as m grows the sum tends to log n - (n-1)/n
+    m = 20_000
+    i = np.arange(1, m + 1)
+    p = (i / m) ** 4 - ((i - 1) / m) ** 4
+    assert float(np.sum(p * np.log(p * m))) == pytest.approx(best_of_n_kl(4), abs=1e-3)
+
+
+def test_distinct_2_on_crafted_texts():
+    # bigrams: (a b) (b a) (a b) | (a b) (b c) -> 3 distinct of 5
+    assert distinct_n(["a b a b", "a b c"]) == pytest.approx(3 / 5)
+    assert distinct_n(["one", ""]) == 0.0  # no bigrams at all
+
+
+def test_rm_gold_pairwise_agreement():
+    assert pairwise_agreement([1, 2, 3], [1, 3, 2]) == pytest.approx(2 / 3)  # the last pair is swapped
+    assert pairwise_agreement([1, 1, 3], [1, 2, 3]) == pytest.approx(2.5 / 3)  # an RM tie counts 1/2
+    assert pairwise_agreement([1, 2, 3], [1, 1, 0]) == pytest.approx(0.0)  # gold's tie (0, 1) is left out
+
+
+# ---------------------------------------------------------------- the scripts, on tiny checkpoints
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    d = {k: str(out / k) for k in ("sft", "rm", "ppo")}
+    run("train_sft.py", *TINY, "--out_dir", d["sft"])
+    run("train_rm.py", *TINY, "--sft_dir", d["sft"], "--out_dir", d["rm"], "--n_prompts", "24",
+        "--norm_samples", "8", "--eval_samples", "8")
+    run("train_ppo.py", *TINY, "--sft_dir", d["sft"], "--rm_dir", d["rm"], "--out_dir", d["ppo"])
+    d["root"] = str(out)
+    return d
+
+
+def test_eval_writes_ranked_table_of_every_method(runs):
+    out = os.path.join(runs["root"], "eval_out")
+    missing = os.path.join(runs["root"], "no_such_run")
+    proc = run("eval.py", *TINY, "--sft_dir", runs["sft"], "--rm_dir", runs["rm"], "--out_dir", out,
+               "--ckpts", f"{runs['sft']},{runs['ppo']},{missing}", "--bon", "1,2", "--n_prompts", "8")
+    assert "skipping" in proc.stdout and missing in proc.stdout
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"sft", "ppo", "best-of-1", "best-of-2"}
+    assert results["skipped"] == [missing]
+    golds = [r["gold"][0] for r in results["rows"]]
+    assert golds == sorted(golds, reverse=True) and [r["rank"] for r in results["rows"]] == [1, 2, 3, 4]
+    # best-of-1 draws the SFT samples themselves (same seed): the same gold, ties only against SFT
+    assert rows["best-of-1"]["gold"] == rows["sft"]["gold"] and rows["best-of-1"]["win_rate"][0] == 0.5
+    assert rows["best-of-2"]["kl"][0] == pytest.approx(math.log(2) - 0.5) and rows["best-of-2"]["kl_analytic"]
+    assert rows["sft"]["kl"][0] == 0.0 and "win_rate" not in rows["sft"]
+    for key in ("reward", "kl", "win_rate", "length", "distinct2", "rm_gold_acc"):
+        assert key in rows["ppo"], key
+    # train_ppo.py's held-out evaluation (8 prompts in the tiny preset) uses the same prompts and draws
+    ppo_eval = read_jsonl(os.path.join(runs["ppo"], "metrics.jsonl"))[-1]
+    assert rows["ppo"]["gold"][0] == pytest.approx(ppo_eval["eval_gold_ppo"])
+    assert rows["sft"]["gold"][0] == pytest.approx(ppo_eval["eval_gold_sft"])
+    assert rows["ppo"]["kl"][0] == pytest.approx(ppo_eval["eval_kl"])
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "| rank | method | gold |" in md and "## Samples" in md
+    for method in rows:
+        assert f"| {method} |" in md, method
+    assert len(results["samples"]) == 3 and set(results["samples"][0]) == {"prompt", *rows}
+
+
+def test_study_overoptimization_curve(runs):
+    out = os.path.join(runs["root"], "study")
+    run("study.py", "overoptimization", *TINY, "--sft_dir", runs["sft"], "--out_dir", out,
+        "--rater_bias", "length", "--iterations", "2")
+    assert os.path.getsize(os.path.join(out, "overoptimization.png")) > 0
+    with open(os.path.join(out, "overoptimization.json")) as f:
+        curve = json.load(f)["curves"]["length"]
+    logged = [r for r in read_jsonl(os.path.join(out, "ppo_length_kl0.01", "metrics.jsonl")) if "gold" in r]
+    assert curve["iteration"] == [1, 2] and curve["gold"] == [r["gold"] for r in logged]
+    assert curve["sqrt_kl"] == pytest.approx([math.sqrt(max(r["kl"], 0.0)) for r in logged])
+    assert all(r["kl_coef"] == 0.01 for r in logged)  # the weak, fixed KL penalty
+    with open(os.path.join(out, "rm_length", "stdout.log")) as f:
+        assert "bias length" in f.read()  # the reward model learned from biased raters
+
+
+def test_iterated_rlhf_hooks(runs, tmp_path):
+    # train_rm.py --policy_dir --extra_prefs: new pairs on the PPO policy's samples plus the old ones
+    rm2 = str(tmp_path / "rm2")
+    old = read_jsonl(os.path.join(runs["rm"], "prefs.jsonl"))
+    proc = run("train_rm.py", *TINY, "--sft_dir", runs["sft"], "--out_dir", rm2, "--n_prompts", "8",
+               "--norm_samples", "8", "--eval_samples", "8", "--policy_dir", runs["ppo"],
+               "--extra_prefs", os.path.join(runs["rm"], "prefs.jsonl"))
+    assert f"sampled 16 {runs['ppo']} responses" in proc.stdout
+    rows = read_jsonl(os.path.join(rm2, "prefs.jsonl"))
+    new, kept = rows[:len(rows) - len(old)], rows[len(rows) - len(old):]
+    assert [r["chosen"] for r in kept] == [r["chosen"] for r in old]
+    assert not {r["group"] for r in new} & {r["group"] for r in kept}  # held out by group: no collisions
+    # train_ppo.py --init_policy with no iterations: its final evaluation is the PPO policy's, not SFT's
+    ppo2 = str(tmp_path / "ppo2")
+    run("train_ppo.py", *TINY, "--sft_dir", runs["sft"], "--rm_dir", runs["rm"], "--out_dir", ppo2,
+        "--init_policy", runs["ppo"], "--iterations", "0")
+    first, again = (read_jsonl(os.path.join(d, "metrics.jsonl"))[-1] for d in (runs["ppo"], ppo2))
+    assert again["eval_gold_ppo"] == first["eval_gold_ppo"] and again["eval_kl"] == first["eval_kl"]
+    assert again["eval_kl"] != 0.0  # it is not the SFT policy

@@ -1,0 +1,36 @@
+"""nanorlhf/throughput.py: the FLOP count against a hand count, and both benchmarks run on
+the tiny preset on CPU and return sensible numbers."""
+import math
+
+import torch
+
+from nanorlhf.model import GPTConfig
+from nanorlhf.throughput import bench_ppo, bench_sft, model_flops_per_token, peak_flops
+
+
+def test_model_flops_per_token_by_hand():
+    V, T, L, C = 23, 32, 2, 16
+    # per block: 2 LayerNorms (4C), c_attn (3C^2 + 3C), attn c_proj (C^2 + C), c_fc (4C^2 + 4C),
+    # mlp c_proj (4C^2 + C) = 12 C^2 + 13 C; then wte (V C, also the LM head) and ln_f (2C); wpe not counted
+    n = L * (12 * C * C + 13 * C) + V * C + 2 * C
+    assert n == 6960
+    config = GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=2, n_embd=C)
+    assert model_flops_per_token(config, T) == 6 * n + 12 * L * C * T
+
+
+def test_bench_sft_on_tiny_cpu():
+    out = bench_sft("tiny", "cpu", torch.float32, steps=2, warmup=1)
+    assert out["batch_size"] == 8 and out["seq_len"] == 96
+    assert out["tokens_per_s"] > 0 and out["tflops"] > 0 and out["peak_mem_gb"] > 0
+    # tokens/s and FLOP/s are one measurement: FLOP/s = tokens/s x FLOPs per token
+    assert math.isclose(out["tflops"] * 1e12 / out["tokens_per_s"], out["flops_per_token"], rel_tol=1e-9)
+    assert out["mfu"] is None and peak_flops(torch.device("cpu"), torch.float32) is None  # no MFU on CPU
+
+
+def test_bench_ppo_on_tiny_cpu():
+    out = bench_ppo("tiny", "cpu", torch.float32)
+    for phase in ("rollout_s", "score_s", "ref_value_s", "learn_s"):
+        assert out[phase] > 0, phase
+    assert math.isclose(out["total_s"], sum(out[p] for p in ("rollout_s", "score_s", "ref_value_s", "learn_s")))
+    assert 0 < out["response_tokens"] <= out["rollout_batch"] * out["max_new_tokens"]
+    assert out["rollout_tokens_per_s"] > 0 and out["peak_mem_gb"] > 0
