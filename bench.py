@@ -3,6 +3,13 @@
 python bench.py sample                  # CPU, fp32: the 4L-128, 6L-384 and cpu-preset models
 python bench.py sample --compile        # ... plus nanorlhf with a torch.compile'd decode step
 python bench.py sample --device cuda --dtype bfloat16 --cuda_graph   # one GPU: the gpu preset, batch 64
+python bench.py train                   # SFT training tokens/s and achieved FLOP/s (MFU on a known GPU)
+python bench.py train --device cuda --dtype bfloat16 --compile        # the gpu preset, the MFU figure
+python bench.py ppo                     # one PPO iteration split into rollout / scoring / ref+value / learning
+
+`train` and `ppo` (nanorlhf/throughput.py) use random weights at a preset's model size
+(--preset; default gpu on CUDA, cpu otherwise). On CPU `train` times fp32 and bf16
+autocast side by side: nanorlhf trains in fp32 on CPU because bf16 is not faster there.
 
 `sample` measures generated tokens per second (batch x new tokens / wall time of the
 whole call, prefill included) of nanorlhf's sampler against
@@ -192,7 +199,9 @@ def print_table(rows, modes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sample"], help="what to measure")
+    parser.add_argument("what", choices=["sample", "train", "ppo"], help="what to measure")
+    parser.add_argument("--preset", default="", help="train/ppo: the model size (default gpu on CUDA, else cpu)")
+    parser.add_argument("--steps", type=int, default=8, help="train: timed optimizer steps")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights, activations, cache")
     parser.add_argument("--models", default="", help=f"comma-separated, of {', '.join(MODELS)}; "
@@ -208,6 +217,8 @@ def main():
     parser.add_argument("--no_hf", action="store_true", help="skip Hugging Face generate")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.what in ("train", "ppo"):
+        return bench_training(args, device, dtype)
     args.batch = args.batch or (64 if device.type == "cuda" else 32)
     models = args.models.split(",") if args.models else (["gpu"] if device.type == "cuda" else
                                                            ["4L-128", "6L-384", "cpu"])
@@ -225,6 +236,27 @@ def main():
           f"tokens/s, median of {args.repeats}")
     rows = [bench_model(name, args, device, dtype, modes) for name in models]
     print_table(rows, modes)
+
+
+def bench_training(args, device, dtype):
+    from nanorlhf.throughput import bench_ppo, bench_sft
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    if args.what == "ppo":
+        r = bench_ppo(preset, device, dtype, compile=args.compile)
+        print(f"one PPO iteration, {preset} preset, {args.dtype}, {r['rollout_batch']} rollouts x up to "
+              f"{r['max_new_tokens']} tokens on {device}:")
+        for part in ("rollout_s", "score_s", "ref_value_s", "learn_s"):
+            print(f"  {part[:-2]:<10} {r[part]:7.3f} s  {r[part] / r['total_s']:5.1%}")
+        print(f"  total      {r['total_s']:7.3f} s | rollout {r['rollout_tokens_per_s']:,.0f} tokens/s | "
+              f"peak memory {r['peak_mem_gb']:.2f} GB")
+        return
+    dtypes = [dtype, torch.bfloat16] if device.type == "cpu" and dtype == torch.float32 else [dtype]
+    for d in dtypes:
+        r = bench_sft(preset, device, d, compile=args.compile, steps=args.steps)
+        mfu = f"MFU {r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "no peak known: no MFU"
+        print(f"SFT {preset} preset ({r['params_M']:.1f}M params, batch {r['batch_size']} x {r['seq_len']}), "
+              f"{r['dtype']}{' compiled' if r['compile'] else ''} on {device}: {r['tokens_per_s']:,.0f} tokens/s | "
+              f"{r['tflops']:.3f} TFLOP/s | {mfu} | peak memory {r['peak_mem_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

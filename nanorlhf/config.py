@@ -35,7 +35,7 @@ PRESETS = {
         "rm": dict(n_prompts=1000, k_responses=3, batch_size=32, epochs=2, lr=3e-4, norm_samples=256, eval_samples=256),
         "ppo": dict(iterations=30, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5, lr=5e-5,
                     value_lr=1e-4, init_kl_coef=0.1),
-        "dpo": dict(max_iters=200, batch_size=16),
+        "dpo": dict(max_iters=150, batch_size=16, lr=5e-5),
     },
     "gpu": {
         "all": dict(vocab_size=8192, n_layer=12, n_head=12, n_embd=768, block_size=512, max_prompt_tokens=64,
@@ -206,7 +206,8 @@ def _field_comments(cls):
 
 def parse_config(cls, stage, argv=None, description=None):
     """Build cls from its defaults, the preset and the command line (every field is a --flag)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)"

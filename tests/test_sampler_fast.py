@@ -220,3 +220,15 @@ def test_bench_sample_runs_and_prints_the_table():
     assert "running eager" in out.stdout  # the CUDA-graph column falls back on CPU
     header, rule, row = [line for line in out.stdout.splitlines() if line.startswith("|")]
     assert "eager/naive" in header and "cuda_graph/naive" in header and row.startswith("| tiny |")
+
+
+@pytest.mark.parametrize("what", ["train", "ppo"])
+def test_bench_train_and_ppo_run(what):
+    out = subprocess.run([sys.executable, "bench.py", what, "--preset", "tiny", "--steps", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    if what == "train":  # on CPU fp32 and bf16 autocast are timed side by side
+        assert "torch.float32 on cpu" in out.stdout and "torch.bfloat16 on cpu" in out.stdout
+    else:
+        assert all(part in out.stdout for part in ("rollout", "score", "ref_value", "learn", "peak memory"))
