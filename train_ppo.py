@@ -31,7 +31,7 @@ from nanorlhf.judge import gold_scores
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits, \
-    explained_variance, kl_penalty_rewards, masked_mean, masked_whiten, policy_loss, value_loss
+    explained_variance, kl_penalty_rewards, last_token_index, masked_mean, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
 from nanorlhf.sampler import generate
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_max, all_reduce_mean, backward, make_optimizer, \
@@ -178,8 +178,8 @@ for iteration in range(start, cfg.iterations):
     # autocast runs the forwards' matrix products in bf16/fp16; score, logprobs_from_logits and values_of
     # return fp32, so the KL, GAE and whitening arithmetic (elementwise and sums) stays fp32
     with torch.no_grad(), rt.autocast():
-        ended = (response.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)) == enc.eot_token).squeeze(1)
-        ended &= mask.sum(1) > 0
+        last = last_token_index(mask)  # (B,), -1 for an empty response
+        ended = (last >= 0) & (response.gather(1, last.clamp(min=0)[:, None]).squeeze(1) == enc.eot_token)
         scores = gain * score(rm, prompt, prompt_mask, response, mask) + bias
         scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_penalty))
         first_order = torch.randperm(per_rank, generator=generator, device=rt.device)
