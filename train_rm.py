@@ -24,7 +24,7 @@ from nanorlhf.judge import gold_accuracy, gold_scores, inter_rater_agreement, la
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
-from nanorlhf.reward import bradley_terry_loss, encode_pairs, normaliser, pair_scores, score
+from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, normaliser, score, group_scores
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
     global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
@@ -110,15 +110,17 @@ else:
     val_groups = set(resume_ckpt["val_groups"])  # the interrupted run's split
 val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
 train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
+train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
 if rt.is_main:
-    print(f"{len(train_rows)} train / {len(val_rows)} validation pairs")
+    print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
+          f"({len(train_batches)} / {len(val_batches)} prompts)")
 
 # ---------------------------------------------------------------- reward model, from the SFT weights
 model = ScalarGPT(policy.config).to(rt.device)  # fp32 master weights; autocast runs the matrix products
 model.gpt.load_state_dict(sft_state)
 model.gpt.grad_checkpoint = cfg.grad_checkpoint
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
-steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+steps_per_epoch = math.ceil(len(train_batches) / cfg.batch_size)
 total_steps = steps_per_epoch * cfg.epochs
 step = 0
 guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
@@ -137,17 +139,19 @@ if cfg.compile:
 model = wrap_ddp(model, rt)
 
 
-def batch_of(batch_rows):
-    return encode_pairs(enc, batch_rows, cfg.max_prompt_tokens, max_response, rt.device)
+def batch_of(groups):
+    """Each response of these prompts' comparisons once, and the pairs as indices (encode_groups)."""
+    return encode_groups(enc, groups, cfg.max_prompt_tokens, max_response, rt.device)
 
 
 @torch.no_grad()
-def evaluate(eval_rows):
+def evaluate(eval_groups):
+    """Mean Bradley-Terry loss and accuracy over all the pairs of these groups, unweighted."""
     model.eval()
     losses, hits = [], []
-    for i in range(0, len(eval_rows), cfg.batch_size):
+    for i in range(0, len(eval_groups), cfg.batch_size):
         with rt.autocast():
-            r_c, r_r = pair_scores(model, batch_of(eval_rows[i:i + cfg.batch_size]))
+            r_c, r_r = group_scores(model, batch_of(eval_groups[i:i + cfg.batch_size]))
         losses.append(float(bradley_terry_loss(r_c, r_r)) * len(r_c))
         hits += (r_c > r_r).float().tolist()
     model.train()
@@ -174,13 +178,13 @@ model.train()
 stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
 t_last = time.time()
 while step < total_steps:
-    batch_rows = [train_rows[j] for j in epoch_batch(len(train_rows), cfg.batch_size, step, cfg.seed, rt)]
+    batch = batch_of([train_batches[j] for j in epoch_batch(len(train_batches), cfg.batch_size, step, cfg.seed, rt)])
     lr = cfg.lr * min(1.0, (step + 1) / max(1, total_steps // 10))  # warmup over the first tenth, then flat
     for g in optimizer.param_groups:
         g["lr"] = lr
-    weights = torch.tensor([r["weight"] for r in batch_rows], device=rt.device)
+    weights = batch[-1]  # 1 / C(k, 2) per pair: each prompt counts once
     with rt.autocast():
-        r_c, r_r = pair_scores(model, batch_of(batch_rows))
+        r_c, r_r = group_scores(model, batch)
     # the BT loss in fp32 (score reads fp32 values); this rank's weighted sum over the global weight sum
     loss = bradley_terry_loss(r_c, r_r, weights) * weights.sum() / global_mean_denominator(weights.sum(), rt)
     backward(loss, rt)
@@ -192,7 +196,7 @@ while step < total_steps:
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped
     if step % steps_per_epoch == 0 or step == total_steps:
-        metrics["val_loss"], metrics["val_acc"] = evaluate(val_rows)
+        metrics["val_loss"], metrics["val_acc"] = evaluate(val_batches)
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_acc" in metrics:
@@ -228,7 +232,7 @@ fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.m
 rewards = rm_scores(fresh, gain, bias).numpy()
 gold = gold_scores(fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])
-val_loss, val_acc = evaluate(val_rows)
+val_loss, val_acc = evaluate(val_batches)
 gold_acc = gold_accuracy(val_rows)
 report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_acc if gold_acc else float("nan"),
           "spearman_rm_gold": spearman(rewards, gold), "spearman_rm_length": spearman(rewards, lengths),
@@ -241,7 +245,7 @@ if rt.is_main:
           f"correlation with length: RM {report['spearman_rm_length']:.3f}, gold {report['spearman_gold_length']:.3f}")
     example = val_rows[0]
     with torch.no_grad():
-        r_c, r_r = (gain * x + bias for x in pair_scores(rm, batch_of([example])))
+        r_c, r_r = (gain * x + bias for x in group_scores(rm, batch_of([[example]])))
     print("an example held-out pair:")
     print_samples([{"prompt": example["prompt"], "response": "[CHOSEN] " + example["chosen"],
                     "reward": float(r_c), "gold": float(gold_scores([example["chosen"]], [example.get("chosen_ended", True)])[0])},

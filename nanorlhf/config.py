@@ -32,7 +32,7 @@ PRESETS = {
         "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
                     max_new_tokens=224),
         "sft": dict(max_iters=800, batch_size=16, eval_every=100, eval_iters=8, sample_every=200, warmup_iters=50),
-        "rm": dict(n_prompts=1000, k_responses=3, batch_size=32, epochs=2, lr=3e-4, norm_samples=256, eval_samples=256),
+        "rm": dict(n_prompts=2000, k_responses=4, batch_size=16, epochs=2, lr=3e-4, norm_samples=256, eval_samples=512),
         "ppo": dict(iterations=30, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5, lr=5e-5,
                     value_lr=1e-4, init_kl_coef=0.1),
         "dpo": dict(max_iters=150, batch_size=16, lr=5e-5),
@@ -102,21 +102,21 @@ class RMConfig(CommonConfig):
     prefs: str = ""  # a JSONL preference file to train on; empty = simulate raters on SFT samples
     policy_dir: str = ""  # iterated RLHF: compare samples of this policy (empty = SFT); the RM still starts from SFT
     extra_prefs: str = ""  # iterated RLHF: earlier pairs (a prefs.jsonl) added to the new ones; prefs.jsonl keeps both
-    n_prompts: int = 1000  # prompts to collect simulated comparisons on
-    k_responses: int = 3  # responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs
+    n_prompts: int = 2000  # prompts to collect simulated comparisons on
+    k_responses: int = 4  # responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs
     n_raters: int = 5  # simulated raters in the pool
     rater_noise_low: float = 0.02  # the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)
     rater_noise_high: float = 0.2  # the noisiest rater's noise
     rater_bias: str = ""  # "" | length | flowery: a hidden taste the raters share
     rater_bias_weight: float = 0.2  # how strong that taste is (gold's sentiment has std ~0.16 on stories)
     val_fraction: float = 0.1  # share of prompts held out for validation
-    batch_size: int = 32  # pairs per step
+    batch_size: int = 16  # prompts per step, each with all its pairs (k responses, one forward pass each)
     epochs: int = 2  # passes over the pairs
     lr: float = 3e-4  # learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm at this
     norm_samples: int = 256  # fresh SFT samples used to normalise the reward to mean 0, std 1
-    eval_samples: int = 256  # fresh SFT samples for the RM-vs-gold Spearman correlation
+    eval_samples: int = 512  # fresh SFT samples for the RM-vs-gold Spearman correlation
 
 
 @dataclass

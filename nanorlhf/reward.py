@@ -41,20 +41,22 @@ def score(model, prompt, prompt_mask, response, response_mask):
     return values.float().gather(1, last_real_index(prompt_mask, response_mask)[:, None]).squeeze(1)
 
 
+def response_ids(enc, row, key, max_response_tokens):
+    """The tokens of row[key] ("chosen" or "rejected"), cut to max_response_tokens,
+    ending with <|endoftext|> when the response ended."""
+    ids = enc.encode_ordinary(row[key])
+    if row.get(f"{key}_ended", True):
+        ids = ids + [enc.eot_token]
+    return ids[:max_response_tokens]
+
+
 def encode_pairs(enc, rows, max_prompt_tokens, max_response_tokens, device):
-    """Preference rows -> prompt (B, P), chosen (B, N), rejected (B, N) tensors with masks.
-    Responses are cut to max_response_tokens and end with <|endoftext|> when they ended."""
+    """Preference rows -> prompt (B, P), chosen (B, N), rejected (B, N) tensors with masks."""
     prompts = encode_prompts(enc, [r["prompt"] for r in rows], max_prompt_tokens)
-
-    def response_ids(row, key):
-        ids = enc.encode_ordinary(row[key])
-        if row.get(f"{key}_ended", True):
-            ids = ids + [enc.eot_token]
-        return ids[:max_response_tokens]
-
     prompt, prompt_mask = left_pad(prompts, enc.eot_token, device)
-    chosen, chosen_mask = right_pad([response_ids(r, "chosen") for r in rows], enc.eot_token, device)
-    rejected, rejected_mask = right_pad([response_ids(r, "rejected") for r in rows], enc.eot_token, device)
+    chosen, chosen_mask, rejected, rejected_mask = (
+        t for key in ("chosen", "rejected")
+        for t in right_pad([response_ids(enc, r, key, max_response_tokens) for r in rows], enc.eot_token, device))
     return prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask
 
 
@@ -66,6 +68,51 @@ def pair_scores(model, batch):
     both = score(model, torch.cat([prompt, prompt]), torch.cat([prompt_mask, prompt_mask]),
                  torch.cat([pad(chosen), pad(rejected)]), torch.cat([pad(chosen_mask), pad(rejected_mask)]))
     return both.chunk(2)
+
+
+def group_rows(rows):
+    """Preference rows -> lists of rows, one per prompt's comparisons (rows sharing "group";
+    a row without one is a group of its own), in order of first appearance."""
+    groups = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("group", f"row {i}"), []).append(row)
+    return list(groups.values())
+
+
+def encode_groups(enc, groups, max_prompt_tokens, max_response_tokens, device):
+    """Groups of rows -> each distinct (prompt, response) once, and the pairs as indices into them.
+
+    InstructGPT (Ouyang et al. 2022, sec 3.5) puts all C(k, 2) comparisons of a prompt in one
+    batch element: k forward passes instead of 2 * C(k, 2), and it no longer overfits as
+    shuffled pairs do. Returns prompt (M, P), prompt_mask, response (M, N), response_mask and
+    chosen, rejected (B,) indices into the M rows, with the rows' weights (B,)."""
+    prompts, responses, chosen, rejected, weights = [], [], [], [], []
+    for group in groups:
+        index = {}  # (prompt, text, ended) -> its row in responses
+        for row in group:
+            pair = []
+            for key in ("chosen", "rejected"):
+                text = (row["prompt"], row[key], row.get(f"{key}_ended", True))
+                if text not in index:
+                    index[text] = len(responses)
+                    prompts.append(row["prompt"])
+                    responses.append(response_ids(enc, row, key, max_response_tokens))
+                pair.append(index[text])
+            chosen.append(pair[0])
+            rejected.append(pair[1])
+            weights.append(row.get("weight", 1.0))
+    prompt, prompt_mask = left_pad(encode_prompts(enc, prompts, max_prompt_tokens), enc.eot_token, device)
+    response, response_mask = right_pad(responses, enc.eot_token, device)
+    as_tensor = lambda xs, dtype: torch.tensor(xs, dtype=dtype, device=device)
+    return (prompt, prompt_mask, response, response_mask, as_tensor(chosen, torch.long),
+            as_tensor(rejected, torch.long), as_tensor(weights, torch.float32))
+
+
+def group_scores(model, batch):
+    """Scores of the chosen and rejected responses of encode_groups' pairs -> (B,), (B,)."""
+    prompt, prompt_mask, response, response_mask, chosen, rejected, _ = batch
+    scores = score(model, prompt, prompt_mask, response, response_mask)
+    return scores[chosen], scores[rejected]
 
 
 def normaliser(raw_scores):

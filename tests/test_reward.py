@@ -37,3 +37,32 @@ def test_normaliser_gives_mean_zero_std_one():
     gain, bias = normaliser(torch.full((4,), 2.5))  # constant scores: finite, not a division by zero
     assert math.isfinite(gain) and math.isfinite(bias)
     assert gain * 2.5 + bias == pytest.approx(0.0, abs=1e-6)
+
+
+def test_group_scores_equal_pair_scores_and_score_each_response_once():
+    """A prompt's C(k, 2) pairs in one batch element: the same scores as pair by pair,
+    from one forward pass per distinct response (InstructGPT sec 3.5)."""
+    from nanorlhf.reward import encode_groups, encode_pairs, group_rows, group_scores
+    from nanorlhf.tokenizer import make_encoding, train_bpe
+    text = "the cat sat on the mat and the dog ran. " * 4
+    enc = make_encoding(train_bpe(text, 270), "bpe-test")
+    model = make_scalar_gpt(seed=3, vocab_size=enc.n_vocab)
+    a, b, c = " a happy cat", " the dog ran on", " mat"
+    rows = [  # prompt 0 ranks three responses (3 pairs); prompt 1 has one pair and no "group" key
+        {"prompt": "the cat", "chosen": a, "rejected": b, "group": 0, "weight": 1 / 3},
+        {"prompt": "the cat", "chosen": a, "rejected": c, "group": 0, "weight": 1 / 3,
+         "rejected_ended": False},
+        {"prompt": "the cat", "chosen": b, "rejected": c, "group": 0, "weight": 1 / 3,
+         "rejected_ended": False},
+        {"prompt": "a dog", "chosen": c, "rejected": a},
+    ]
+    groups = group_rows(rows)
+    assert [len(g) for g in groups] == [3, 1]
+    batch = encode_groups(enc, groups, 8, 12, "cpu")
+    assert batch[2].size(0) == 3 + 2  # distinct (prompt, response, ended): a, b, c unended; then c, a
+    assert batch[-1].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    with torch.no_grad():
+        r_c, r_r = group_scores(model, batch)
+        p_c, p_r = pair_scores(model, encode_pairs(enc, rows, 8, 12, "cpu"))
+    assert torch.allclose(r_c, p_c, atol=1e-5) and torch.allclose(r_r, p_r, atol=1e-5)
+    assert not torch.allclose(r_c, r_r)  # the pairs are really different responses
