@@ -79,6 +79,8 @@ def finished(out_dir, flags):
     ckpt = load_checkpoint(out_dir)
     if ckpt["stage"] == "ppo" and final_eval(out_dir) is None:
         return False  # stopped before its final evaluation
+    if ckpt["stage"] == "rm" and "gain" not in ckpt:
+        return False  # stopped before its normalisation
     return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
 
 
@@ -145,7 +147,7 @@ def overoptimization():
     curves = {}
     for bias in biases:
         rm_dir = reward_model(bias)
-        ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{cfg.kl_coef:g}"), rm_dir, cfg.kl_coef)
+        ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{cfg.kl_coef:g}_it{cfg.iterations}"), rm_dir, cfg.kl_coef)
         steps = [r for r in read_metrics(os.path.join(ppo_dir, "metrics.jsonl")) if "gold" in r and "kl" in r]
         curves[bias] = {"ppo_dir": ppo_dir, "rm_dir": rm_dir, "iteration": [r["step"] for r in steps],
                         "kl": [r["kl"] for r in steps], "sqrt_kl": [math.sqrt(max(r["kl"], 0.0)) for r in steps],
@@ -177,7 +179,7 @@ def beta_sweep():
     for bias in biases:
         rm_dir = reward_model(bias)
         for beta in betas:
-            ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{beta:g}"), rm_dir, beta)
+            ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{beta:g}_it{cfg.iterations}"), rm_dir, beta)
             e = final_eval(ppo_dir)
             points.append({"bias": bias, "beta": beta, "ppo_dir": ppo_dir, "gold": e["eval_gold_ppo"],
                            "gold_se": e["eval_gold_ppo_se"], "kl": e["eval_kl"], "reward": e["eval_reward_ppo"],

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from nanorlhf.evaluate import best_of_n_kl, best_of_n_pick, distinct_n, mean_se, pairwise_agreement, win_rate
 
@@ -123,17 +124,26 @@ def test_eval_writes_ranked_table_of_every_method(runs):
 
 def test_study_overoptimization_curve(runs):
     out = os.path.join(runs["root"], "study")
-    run("study.py", "overoptimization", *TINY, "--sft_dir", runs["sft"], "--out_dir", out,
-        "--rater_bias", "length", "--iterations", "2")
+    args = ("study.py", "overoptimization", *TINY, "--sft_dir", runs["sft"], "--out_dir", out,
+            "--rater_bias", "length", "--iterations", "2")
+    run(*args)
     assert os.path.getsize(os.path.join(out, "overoptimization.png")) > 0
     with open(os.path.join(out, "overoptimization.json")) as f:
         curve = json.load(f)["curves"]["length"]
-    logged = [r for r in read_jsonl(os.path.join(out, "ppo_length_kl0.01", "metrics.jsonl")) if "gold" in r]
+    logged = [r for r in read_jsonl(os.path.join(out, "ppo_length_kl0.01_it2", "metrics.jsonl")) if "gold" in r]
     assert curve["iteration"] == [1, 2] and curve["gold"] == [r["gold"] for r in logged]
     assert curve["sqrt_kl"] == pytest.approx([math.sqrt(max(r["kl"], 0.0)) for r in logged])
     assert all(r["kl_coef"] == 0.01 for r in logged)  # the weak, fixed KL penalty
     with open(os.path.join(out, "rm_length", "stdout.log")) as f:
         assert "bias length" in f.read()  # the reward model learned from biased raters
+    # a rerun reuses both finished runs; an RM stopped before its normalisation is trained again
+    assert run(*args).stdout.count("reusing") == 2
+    rm_ckpt = os.path.join(out, "rm_length", "ckpt.pt")
+    ckpt = torch.load(rm_ckpt, weights_only=True)
+    del ckpt["gain"]
+    torch.save(ckpt, rm_ckpt)
+    again = run(*args).stdout
+    assert "running train_rm.py" in again and again.count("reusing") == 1
 
 
 def test_iterated_rlhf_hooks(runs, tmp_path):
