@@ -242,8 +242,10 @@ def rounds():
             branches["without_new_prefs"].append(
                 (ppo(os.path.join(base, f"ppo_fixed_{r}"), rm0, cfg.kl_coef, segment, init_policy=policy_dir), rm0))
             policy_dir, rm_dir = branches["with_new_prefs"][-1]  # fresh pairs on this policy, RM on old + new
+            # one pass over old + new pairs (as InstructGPT trains its RM): each round costs about what
+            # the first RM did, though it learns from r + 1 times the pairs
             new_rm = reward_model(bias, os.path.join(base, f"rm_{r}"), policy_dir=policy_dir,
-                                  extra_prefs=os.path.join(rm_dir, "prefs.jsonl"))
+                                  extra_prefs=os.path.join(rm_dir, "prefs.jsonl"), epochs=1)
             new_policy = ppo(os.path.join(base, f"ppo_iter_{r}"), new_rm, cfg.kl_coef, segment, init_policy=policy_dir)
             branches["with_new_prefs"].append((new_policy, new_rm))
         start = measure(sft(), rm0, stage="sft")

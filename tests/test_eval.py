@@ -165,3 +165,23 @@ def test_iterated_rlhf_hooks(runs, tmp_path):
     first, again = (read_jsonl(os.path.join(d, "metrics.jsonl"))[-1] for d in (runs["ppo"], ppo2))
     assert again["eval_gold_ppo"] == first["eval_gold_ppo"] and again["eval_kl"] == first["eval_kl"]
     assert again["eval_kl"] != 0.0  # it is not the SFT policy
+
+
+def test_study_rounds_compares_fresh_preferences_with_the_first_rm(runs):
+    out = os.path.join(runs["root"], "study_rounds")
+    run("study.py", "rounds", *TINY, "--sft_dir", runs["sft"], "--out_dir", out, "--rater_bias", "length",
+        "--iterations", "4", "--rounds", "1")
+    with open(os.path.join(out, "rounds.json")) as f:
+        report = json.load(f)["report"]["length"]
+    assert report["iterations_per_round"] == 2 and report["ppo_iterations"] == [0, 2, 4]
+    fixed, fresh = report["without_new_prefs"], report["with_new_prefs"]
+    assert len(fixed) == len(fresh) == 3
+    assert fixed[:2] == fresh[:2]  # SFT, then the first PPO segment: the same runs in both branches
+    assert fixed[2]["rm"] == fixed[0]["rm"] and fresh[2]["rm"] != fresh[0]["rm"]
+    assert fixed[0]["kl"][0] == pytest.approx(0.0, abs=1e-6) and fresh[2]["kl"][0] != 0.0
+    # the round's RM learned from new pairs on the PPO policy's samples plus all the first RM's pairs
+    first, second = (read_jsonl(os.path.join(d, "prefs.jsonl")) for d in (fresh[0]["rm"], fresh[2]["rm"]))
+    new, kept = second[:len(second) - len(first)], second[len(second) - len(first):]
+    assert new and [(r["chosen"], r["rejected"]) for r in kept] == [(r["chosen"], r["rejected"]) for r in first]
+    assert not {r["group"] for r in new} & {r["group"] for r in kept}
+    assert os.path.getsize(os.path.join(out, "rounds.png")) > 0
