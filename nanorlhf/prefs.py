@@ -9,7 +9,9 @@ whitespace (so no word is split), and chosen/rejected become the remainders.
 
 Rules (reading is all-or-nothing: a broken file stops the run before it starts):
   * every non-blank line is a JSON object; blank lines are skipped
-  * "chosen" and "rejected" are non-empty strings, and differ
+  * "chosen" and "rejected" are strings, and differ; a response may be empty only when
+    its row says it ended ("chosen_ended"/"rejected_ended": true, as train_rm.py writes):
+    a policy that answers with <|endoftext|> at once gave an empty but real response
   * "prompt", when present, is a string; it may be empty (a reward model can score a bare
     response, and HH rows whose texts share no prefix get an empty prompt too)
   * "weight", when present, is a positive number; it defaults to 1.0
@@ -47,8 +49,8 @@ def _check_row(row):
     for key in ("chosen", "rejected"):
         if key not in row:
             return f"missing key '{key}'"
-        if not isinstance(row[key], str) or not row[key]:
-            return f"'{key}' must be a non-empty string"
+        if not isinstance(row[key], str) or not (row[key] or row.get(f"{key}_ended") is True):
+            return f"'{key}' must be a non-empty string (or empty with \"{key}_ended\": true)"
     if row["chosen"] == row["rejected"]:
         return "'chosen' and 'rejected' are the same text"
     if "prompt" in row and not isinstance(row["prompt"], str):

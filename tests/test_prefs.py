@@ -35,6 +35,17 @@ def test_read_prefs_plain_and_hh_rows(tmp_path):
     assert rows[1] == {"prompt": "Q: hi A: ", "chosen": "yes", "rejected": "no", "weight": 1.0}
 
 
+def test_an_empty_response_that_ended_is_a_real_response(tmp_path):
+    """The sampler can end a response at once; train_rm.py's rows say so and read back."""
+    row = {"prompt": "x", "chosen": "a", "rejected": "", "chosen_ended": True, "rejected_ended": True}
+    rows = read_prefs(write_lines(tmp_path / "ok.jsonl", [json.dumps(row)]))
+    assert rows[0]["rejected"] == "" and rows[0]["rejected_ended"] is True
+    for ended in (False, "yes"):  # unended and empty, or a flag that is not true: refused
+        path = write_lines(tmp_path / "bad.jsonl", [json.dumps({**row, "rejected_ended": ended})])
+        with pytest.raises(PreferenceFileError, match="line 1: 'rejected' must be a non-empty string"):
+            read_prefs(path)
+
+
 @pytest.mark.parametrize("bad_line, message", [
     ('{"prompt": "x", "chosen": "a", "rejected": ', "not valid JSON"),
     ('{"prompt": "x", "chosen": "a"}', "missing key 'rejected'"),
