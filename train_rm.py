@@ -20,7 +20,8 @@ from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_res
     set_rng_state
 from nanorlhf.config import RMConfig, parse_config, print_config, setup_runtime
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.judge import gold_accuracy, gold_scores, inter_rater_agreement, label_pairs, make_rater_pool
+from nanorlhf.judge import Rater, bias_bonus, gold_accuracy, gold_scores, inter_rater_agreement, label_pairs, \
+    make_rater_pool
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
@@ -237,12 +238,18 @@ gold_acc = gold_accuracy(val_rows)
 report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_acc if gold_acc else float("nan"),
           "spearman_rm_gold": spearman(rewards, gold), "spearman_rm_length": spearman(rewards, lengths),
           "spearman_gold_length": spearman(gold, lengths), "gain": gain, "bias": bias}
+if cfg.rater_bias == "flowery":  # the taste itself: gushing words per 10 words (length has its own line)
+    taste = np.array([bias_bonus(Rater("taste", 1.0, "flowery", 1.0), t) for t in fresh["texts"]])
+    report.update(spearman_rm_flowery=spearman(rewards, taste), spearman_gold_flowery=spearman(gold, taste))
 if rt.is_main:
     log.log(step, **report)
     print(f"held-out pairwise accuracy: RM {val_acc:.3f} vs gold judge {gold_acc:.3f} on the same noisy labels "
           f"(ratio {report['acc_ratio']:.2f})")
     print(f"on {len(gold)} fresh SFT samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "
           f"correlation with length: RM {report['spearman_rm_length']:.3f}, gold {report['spearman_gold_length']:.3f}")
+    if "spearman_rm_flowery" in report:
+        print(f"correlation with gushing words (the raters' hidden taste): RM {report['spearman_rm_flowery']:.3f}, "
+              f"gold {report['spearman_gold_flowery']:.3f}")
     example = val_rows[0]
     with torch.no_grad():
         r_c, r_r = (gain * x + bias for x in group_scores(rm, batch_of([[example]])))

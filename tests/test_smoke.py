@@ -66,6 +66,17 @@ def test_rm_trains_from_the_sft_checkpoint(sft_dir, tmp_path):
     assert ckpt["tokenizer"] == load_checkpoint(sft_dir, "sft")["tokenizer"]
 
 
+def test_rm_with_flowery_raters_reports_both_correlations_with_the_taste(sft_dir, tmp_path):
+    out = str(tmp_path / "rm")
+    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--rater_bias", "flowery")
+    check_ok(result)
+    assert "bias flowery" in result.stdout and "correlation with gushing words" in result.stdout
+    report = load_checkpoint(out, "rm")["report"]
+    for key in ("spearman_rm_flowery", "spearman_gold_flowery"):
+        assert math.isnan(report[key]) or -1 <= report[key] <= 1, key  # nan: no gushing word in any sample
+        assert f"{report[key]:.3f}" in result.stdout
+
+
 # ---------------------------------------------------------------- errors a user meets first
 
 def test_rm_without_sft_checkpoint_names_the_command(tmp_path):
