@@ -32,6 +32,7 @@ from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backwa
 
 VAL_FRACTION = 0.1  # share of prompts (groups of pairs) held out for validation, as in train_rm.py
 EVALS_PER_RUN = 10  # validation, a sample and a checkpoint this many times per run (and at the end)
+EVAL_PAIRS = 256  # pairs scored at each evaluation (validation, and a train subset): accuracy to about ±3%
 
 cfg = parse_config(DPOConfig, "dpo", description=__doc__)
 rt = setup_runtime(cfg)
@@ -67,10 +68,12 @@ val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
 train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
 if not train_rows:
     raise SystemExit(f"{prefs_path} has {len(groups)} prompt(s): too few to hold some out; label more pairs")
-train_eval_rows = train_rows[:len(val_rows)]  # a train subset as large as validation, to compare the two
+val_eval_rows = val_rows[:EVAL_PAIRS]  # whole prompts first: the rows of a group are adjacent
+train_eval_rows = train_rows[:len(val_eval_rows)]  # a train subset as large, to compare the two
 sample_prompt = next((r["prompt"] for r in val_rows if r["prompt"]), "Once upon a time")  # shown every eval
 if rt.is_main:
-    print(f"{len(rows)} pairs from {prefs_path}: {len(train_rows)} train / {len(val_rows)} validation")
+    print(f"{len(rows)} pairs from {prefs_path}: {len(train_rows)} train / {len(val_rows)} validation "
+          f"({len(val_eval_rows)} of each scored at every evaluation)")
 
 # ---------------------------------------------------------------- optimizer, resume
 optimizer = make_optimizer(policy, cfg.lr, 0.0, rt.device)  # no weight decay: it would pull away from pi_ref
@@ -195,7 +198,7 @@ while step < cfg.max_iters:
         metrics["skipped_steps"] = guard.skipped
     if step % eval_every == 0 or step == cfg.max_iters:
         metrics["train_loss"], metrics["train_acc"], metrics["train_margin"] = evaluate(train_eval_rows)
-        metrics["val_loss"], metrics["val_acc"], metrics["val_margin"] = evaluate(val_rows)
+        metrics["val_loss"], metrics["val_acc"], metrics["val_margin"] = evaluate(val_eval_rows)
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_acc" in metrics:
