@@ -245,7 +245,7 @@ if rt.is_main:
     log.log(step, **report)
     print(f"held-out pairwise accuracy: RM {val_acc:.3f} vs gold judge {gold_acc:.3f} on the same noisy labels "
           f"(ratio {report['acc_ratio']:.2f})")
-    print(f"on {len(gold)} fresh SFT samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "
+    print(f"on {len(gold)} fresh {cfg.policy_dir or 'SFT'} samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "
           f"correlation with length: RM {report['spearman_rm_length']:.3f}, gold {report['spearman_gold_length']:.3f}")
     if "spearman_rm_flowery" in report:
         print(f"correlation with gushing words (the raters' hidden taste): RM {report['spearman_rm_flowery']:.3f}, "
