@@ -54,9 +54,10 @@ def encode_pairs(enc, rows, max_prompt_tokens, max_response_tokens, device):
     """Preference rows -> prompt (B, P), chosen (B, N), rejected (B, N) tensors with masks."""
     prompts = encode_prompts(enc, [r["prompt"] for r in rows], max_prompt_tokens)
     prompt, prompt_mask = left_pad(prompts, enc.eot_token, device)
-    chosen, chosen_mask, rejected, rejected_mask = (
-        t for key in ("chosen", "rejected")
-        for t in right_pad([response_ids(enc, r, key, max_response_tokens) for r in rows], enc.eot_token, device))
+    chosen, chosen_mask = right_pad([response_ids(enc, r, "chosen", max_response_tokens) for r in rows],
+                                    enc.eot_token, device)
+    rejected, rejected_mask = right_pad([response_ids(enc, r, "rejected", max_response_tokens) for r in rows],
+                                        enc.eot_token, device)
     return prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask
 
 
