@@ -25,7 +25,7 @@ from nanorlhf.judge import Rater, bias_bonus, gold_accuracy, gold_scores, inter_
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
-from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, normaliser, score, group_scores
+from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normaliser, score
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
     global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp

@@ -61,16 +61,6 @@ def encode_pairs(enc, rows, max_prompt_tokens, max_response_tokens, device):
     return prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask
 
 
-def pair_scores(model, batch):
-    """Scores of chosen and rejected in one forward pass of 2B rows -> (B,), (B,)."""
-    prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask = batch
-    width = max(chosen.size(1), rejected.size(1))
-    pad = lambda t: F.pad(t, (0, width - t.size(1)))  # right-pad to a common width (mask 0 there)
-    both = score(model, torch.cat([prompt, prompt]), torch.cat([prompt_mask, prompt_mask]),
-                 torch.cat([pad(chosen), pad(rejected)]), torch.cat([pad(chosen_mask), pad(rejected_mask)]))
-    return both.chunk(2)
-
-
 def group_rows(rows):
     """Preference rows -> lists of rows, one per prompt's comparisons (rows sharing "group";
     a row without one is a group of its own), in order of first appearance."""

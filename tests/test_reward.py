@@ -1,31 +1,13 @@
-"""nanorlhf/reward.py: pair scoring with nanorlhf's GPT, and the normaliser. The assignments
+"""nanorlhf/reward.py: grouped pair scoring with nanorlhf's GPT, and the normaliser. The assignments
 bradley_terry_loss and reward_readout are tested in tests/assignments/."""
 import math
 
 import pytest
 import torch
 
-from conftest import TINY, left_padded, make_scalar_gpt
-from nanorlhf.data import right_pad
-from nanorlhf.reward import normaliser, pair_scores, score
-
-PROMPT_LENGTHS = [3, 5, 1, 4]
-RESPONSES = [[4, 7], [], [1, 2, 3, 5], [9]]  # right padded; row 1 is empty
-
-
-def batch():
-    prompt, prompt_mask = left_padded(PROMPT_LENGTHS, TINY["vocab_size"], seed=4)
-    response, response_mask = right_pad(RESPONSES, pad_id=TINY["vocab_size"] - 1)
-    return prompt, prompt_mask, response, response_mask
-
-
-def test_pair_scores_equal_separate_scores_at_different_widths():
-    model = make_scalar_gpt(seed=2)
-    prompt, prompt_mask, chosen, chosen_mask = batch()
-    rejected, rejected_mask = right_pad([[3], [5, 6, 7, 8, 1, 2], [2], []], pad_id=0)  # wider than chosen
-    r_c, r_r = pair_scores(model, (prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask))
-    assert torch.allclose(r_c, score(model, prompt, prompt_mask, chosen, chosen_mask), atol=1e-5)
-    assert torch.allclose(r_r, score(model, prompt, prompt_mask, rejected, rejected_mask), atol=1e-5)
+from conftest import make_scalar_gpt
+from nanorlhf.reward import encode_groups, encode_pairs, group_rows, group_scores, normaliser, score
+from nanorlhf.tokenizer import make_encoding, train_bpe
 
 
 def test_normaliser_gives_mean_zero_std_one():
@@ -39,11 +21,9 @@ def test_normaliser_gives_mean_zero_std_one():
     assert gain * 2.5 + bias == pytest.approx(0.0, abs=1e-6)
 
 
-def test_group_scores_equal_pair_scores_and_score_each_response_once():
-    """A prompt's C(k, 2) pairs in one batch element: the same scores as pair by pair,
-    from one forward pass per distinct response (InstructGPT sec 3.5)."""
-    from nanorlhf.reward import encode_groups, encode_pairs, group_rows, group_scores
-    from nanorlhf.tokenizer import make_encoding, train_bpe
+def test_group_scores_equal_pair_by_pair_scores_and_score_each_response_once():
+    """A prompt's C(k, 2) pairs in one batch element: the same scores as scoring every pair's
+    chosen and rejected response on its own, from one forward pass per distinct response."""
     text = "the cat sat on the mat and the dog ran. " * 4
     enc = make_encoding(train_bpe(text, 270), "bpe-test")
     model = make_scalar_gpt(seed=3, vocab_size=enc.n_vocab)
@@ -63,6 +43,8 @@ def test_group_scores_equal_pair_scores_and_score_each_response_once():
     assert batch[-1].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
     with torch.no_grad():
         r_c, r_r = group_scores(model, batch)
-        p_c, p_r = pair_scores(model, encode_pairs(enc, rows, 8, 12, "cpu"))
+        prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask = encode_pairs(enc, rows, 8, 12, "cpu")
+        p_c = score(model, prompt, prompt_mask, chosen, chosen_mask)
+        p_r = score(model, prompt, prompt_mask, rejected, rejected_mask)
     assert torch.allclose(r_c, p_c, atol=1e-5) and torch.allclose(r_r, p_r, atol=1e-5)
     assert not torch.allclose(r_c, r_r)  # the pairs are really different responses
