@@ -77,7 +77,7 @@ else:
     share = prompts[rt.rank * len(prompts) // rt.world_size:(rt.rank + 1) * len(prompts) // rt.world_size]
     sampled = sample_responses(policy, enc, [p for p in share for _ in range(k)],
                                cfg.max_prompt_tokens, cfg.max_new_tokens, rt, cfg.temperature,
-                               generator=generator)
+                               batch_size=cfg.sample_batch, generator=generator)
     texts, ended = all_gather_lists(sampled["texts"], rt), all_gather_lists(sampled["ended"], rt)
     group = lambda xs: [xs[i * k:(i + 1) * k] for i in range(len(prompts))]
     raters = make_rater_pool(cfg.n_raters, cfg.rater_noise_low, cfg.rater_noise_high,
@@ -225,11 +225,11 @@ def rm_scores(sampled, gain=1.0, bias=0.0):
 
 norm_prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.norm_samples)]
 norm_sampled = sample_responses(policy, enc, norm_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
-                                cfg.temperature, generator=generator)
+                                cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 gain, bias = normaliser(rm_scores(norm_sampled))
 eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_samples)]
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
-                         cfg.temperature, generator=generator)
+                         cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 rewards = rm_scores(fresh, gain, bias).numpy()
 gold = gold_scores(fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])

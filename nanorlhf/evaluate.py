@@ -96,7 +96,7 @@ def evaluate_samples(texts, ended, rewards=None, kl=None, baseline_gold=None):
 def evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, generator, baseline_gold=None):
     """Sample one response per prompt from policy and score it every way. Returns (row, samples)."""
     sampled = sample_responses(policy, enc, prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
-                               cfg.temperature, generator=generator)
+                               cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
     rewards = rm_rewards(rm, gain, bias, sampled["batches"], rt) if rm is not None else None
     kl = kl_to_reference(policy, reference, sampled["batches"], rt, cfg.temperature) if reference is not None else None
     row, gold = evaluate_samples(sampled["texts"], sampled["ended"], rewards, kl, baseline_gold)
@@ -109,7 +109,8 @@ def evaluate_best_of_n(policy, rm, gain, bias, enc, prompts, n, cfg, rt, generat
     with the highest reward kept. The reward is PPO's: the RM's, or cfg.no_eos_penalty for a response
     that never ended. Its KL to policy is the analytic value. Returns (row, samples of the kept ones)."""
     sampled = sample_responses(policy, enc, [p for p in prompts for _ in range(n)], cfg.max_prompt_tokens,
-                               cfg.max_new_tokens, rt, cfg.temperature, generator=generator)
+                               cfg.max_new_tokens, rt, cfg.temperature, batch_size=cfg.sample_batch,
+                               generator=generator)
     rewards = rm_rewards(rm, gain, bias, sampled["batches"], rt)  # (P * n,)
     picks = best_of_n_pick(np.where(sampled["ended"], rewards, cfg.no_eos_penalty), n)  # (P,)
     texts, ended = [sampled["texts"][i] for i in picks], [sampled["ended"][i] for i in picks]

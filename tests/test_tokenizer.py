@@ -244,3 +244,16 @@ def test_gpt2_offline_without_files_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
         tok.get_tokenizer("gpt2", None, 0, None)
     assert "gpt2" not in tiktoken.registry.ENCODINGS  # the failure did not poison tiktoken's cache
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu"])
+def test_each_presets_vocabulary_can_be_learned_from_the_bundled_sample(preset):
+    """The default run of every preset trains its BPE on the sample: its vocabulary must fit there
+    (8,192 did not: the sample's merges run out at 7,604 tokens)."""
+    from nanorlhf.config import PRESETS
+    from nanorlhf.data import load_corpus
+    values = PRESETS[preset]["all"]
+    text = load_corpus("sample")
+    text = text[:values["tokenizer_chars"]] if values.get("tokenizer_chars") else text
+    enc = tok.make_encoding(tok.train_bpe(text, values["vocab_size"]), f"bpe-{preset}")
+    assert enc.n_vocab == values["vocab_size"]
