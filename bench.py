@@ -207,7 +207,8 @@ def main():
     parser.add_argument("--models", default="", help=f"comma-separated, of {', '.join(MODELS)}; "
                                                      f"default 4L-128,6L-384,cpu on CPU, gpu on CUDA")
     parser.add_argument("--naive", default="4L-128,gpu", help="models that also run the (slow) naive sampler")
-    parser.add_argument("--batch", type=int, default=0, help="rows per batch; 0 = 32 on CPU, 64 on CUDA")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="rows per batch; 0 = sample: 32 on CPU, 64 on CUDA; train: the preset's SFT batch")
     parser.add_argument("--prompt_len", type=int, default=32, help="prompt width (half the rows left-padded)")
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median), after a warm-up")
@@ -215,6 +216,10 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
     parser.add_argument("--cuda_graph", action="store_true", help="also time a CUDA-graph decode step")
     parser.add_argument("--no_hf", action="store_true", help="skip Hugging Face generate")
+    parser.add_argument("--loss_in_compile", action="store_true",
+                        help="train --compile: compile the cross-entropy together with the model")
+    parser.add_argument("--attention", default="", choices=["", "flash", "efficient", "cudnn"],
+                        help="train: force this SDPA attention kernel (default: SDPA chooses)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.what in ("train", "ppo"):
@@ -252,10 +257,12 @@ def bench_training(args, device, dtype):
         return
     dtypes = [dtype, torch.bfloat16] if device.type == "cpu" and dtype == torch.float32 else [dtype]
     for d in dtypes:
-        r = bench_sft(preset, device, d, compile=args.compile, steps=args.steps)
+        r = bench_sft(preset, device, d, compile=args.compile, steps=args.steps, batch_size=args.batch or None,
+                      loss_in_compile=args.loss_in_compile, attention=args.attention)
         mfu = f"MFU {r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "no peak known: no MFU"
         print(f"SFT {preset} preset ({r['params_M']:.1f}M params, batch {r['batch_size']} x {r['seq_len']}), "
-              f"{r['dtype']}{' compiled' if r['compile'] else ''} on {device}: {r['tokens_per_s']:,.0f} tokens/s | "
+              f"{r['dtype']}{' compiled' if r['compile'] else ''}{' with the loss' if r['loss_in_compile'] else ''}"
+              f"{f', {args.attention} attention' if args.attention else ''} on {device}: {r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['tflops']:.3f} TFLOP/s | {mfu} | peak memory {r['peak_mem_gb']:.2f} GB")
 
 

@@ -81,6 +81,7 @@ optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
 step = 0
 data_rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its slice of a global batch
 val_loss = None
+best_val_loss, best_step = float("inf"), 0  # the checkpoint keeps the best validation loss (see the loop)
 guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
 if resume_ckpt is not None:  # everything the next step depends on: weights, Adam moments, data order, RNGs
     model.load_state_dict(resume_ckpt["model"])
@@ -88,13 +89,13 @@ if resume_ckpt is not None:  # everything the next step depends on: weights, Ada
     if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
         rt.scaler.load_state_dict(resume_ckpt["scaler"])
     step, val_loss = resume_ckpt["step"], resume_ckpt["val_loss"]
+    best_val_loss = resume_ckpt.get("best_val_loss", val_loss if val_loss is not None else float("inf"))
+    best_step = step
     data_rng.bit_generator.state = resume_ckpt["data_rng"]
     set_rng_state(resume_ckpt["rng"])
     guard.saved(step)
     if rt.is_main:
         print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
-if cfg.compile:
-    model = torch.compile(model)  # the training forward; sampling uses the plain module (unwrap)
 model = wrap_ddp(model, rt)
 if rt.is_main:
     print(f"model: {unwrap(model).num_params() / 1e6:.2f}M parameters | loss on "
@@ -109,13 +110,24 @@ def lr_at(it):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def token_nll(model, x, y):
+    """-log p(y_t | x_<=t) for every position (B, T): the logits in bf16/fp16 under autocast, the
+    cross-entropy in fp32. Right padding needs no attention mask under a causal mask."""
+    with rt.autocast():
+        logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+# --compile: the model and its cross-entropy in one graph, so the fp32 logits are never written out whole
+# (2% more tokens/s than compiling the model alone on an H100, bench.py train --loss_in_compile)
+nll_of = torch.compile(token_nll) if cfg.compile else token_nll
+
+
 def batch_loss(seqs, prompt_lens, rows):
     x, y, loss_mask = story_batch(seqs, prompt_lens, rows, cfg.block_size, enc.eot_token, loss_on_response)
     x, y, loss_mask = x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
-    with rt.autocast():
-        logits = model(x)  # (B, T, V); right padding needs no attention mask under a causal mask
-    # cross-entropy in fp32, averaged over the tokens that count on all ranks together
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    nll = nll_of(model, x, y)
+    # averaged over the tokens that count on all ranks together
     return (nll * loss_mask).sum() / global_mean_denominator(loss_mask.sum(), rt)
 
 
@@ -150,7 +162,7 @@ def save():
         "config": asdict(cfg), "tokenizer": tokenizer_state(enc), "step": step,
         "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
         "rng": rng_state(), "data_rng": data_rng.bit_generator.state,
-        "val_loss": val_loss, "unigram_entropy": unigram_entropy})
+        "val_loss": val_loss, "best_val_loss": best_val_loss, "unigram_entropy": unigram_entropy})
     guard.saved(step)
 
 
@@ -186,7 +198,10 @@ while step < cfg.max_iters:
     t_last = time.time()
     if step % cfg.log_every == 0 or "val_loss" in metrics:
         log.log(step, **metrics)
-    if "val_loss" in metrics and guard.can_save(val_loss):  # a good checkpoint is never replaced by a bad one
+    # a good checkpoint is never replaced by a bad one, nor by a worse fit: once the validation loss rises
+    # (the model memorises the training stories) the checkpoint stays at the best step
+    if "val_loss" in metrics and guard.can_save(val_loss) and val_loss < best_val_loss:
+        best_val_loss, best_step = val_loss, step
         save()
     if stop.requested(rt):
         save()
@@ -198,7 +213,10 @@ stop.release()
 if rt.is_main:
     plot_metrics(log.path, [["loss", "val_loss", "unigram_entropy"]], os.path.join(cfg.out_dir, "loss.png"),
                  "SFT loss (nats/token)")
-    print(f"done: validation loss {val_loss:.3f} nats/token vs unigram entropy {unigram_entropy:.3f} "
-          f"({unigram_entropy - val_loss:.2f} below) | saved {cfg.out_dir}/ckpt.pt and loss.png")
+    if best_step < step:
+        print(f"validation loss rose after step {best_step} (to {val_loss:.3f} at step {step}): the checkpoint "
+              f"keeps step {best_step}")
+    print(f"done: validation loss {best_val_loss:.3f} nats/token vs unigram entropy {unigram_entropy:.3f} "
+          f"({unigram_entropy - best_val_loss:.2f} below) | saved {cfg.out_dir}/ckpt.pt and loss.png")
 if rt.world_size > 1:
     torch.distributed.destroy_process_group()

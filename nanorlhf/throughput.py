@@ -4,11 +4,13 @@ and where the time of one PPO iteration goes. bench.py prints them (`bench.py tr
 Both build random-init models of a preset's size and feed them random tokens: no checkpoint and
 no corpus needed, and the numbers are those of the same calls the train scripts make.
 """
+import contextlib
 import copy
 import resource
 import time
 
 import torch
+import torch.nn.attention
 
 from nanorlhf.config import PRESETS, Runtime
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
@@ -61,6 +63,7 @@ def _runtime(device, dtype):
     device, dtype = torch.device(device), DTYPES.get(dtype, dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as setup_runtime
+        torch.backends.cuda.enable_cudnn_sdp(False)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Runtime(device=device, dtype=dtype, scaler=scaler)
 
@@ -90,10 +93,13 @@ def model_config(preset):
 
 
 def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compile=False, steps=10,
-              batch_size=None, grad_checkpoint=False, warmup=2):
+              batch_size=None, grad_checkpoint=False, warmup=2, loss_in_compile=False, attention=""):
     """Time `steps` SFT training steps (forward, fp32 cross-entropy, backward, clipped AdamW step)
     on batches of random tokens, block_size long, after `warmup` steps (compilation, allocator).
-    preset_or_config: a preset name (its model and SFT batch size) or a GPTConfig (give batch_size)."""
+    preset_or_config: a preset name (its model and SFT batch size) or a GPTConfig (give batch_size).
+    loss_in_compile: compile the cross-entropy with the model (one graph: the fp32 logits are never
+    written out whole) instead of the model alone. attention: "" lets SDPA choose its kernel;
+    flash | efficient | cudnn forces one."""
     if isinstance(preset_or_config, str):
         config = model_config(preset_or_config)
         batch_size = batch_size or PRESETS[preset_or_config]["sft"]["batch_size"]
@@ -104,33 +110,43 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
     model = GPT(config).to(rt.device).train()
     model.grad_checkpoint = grad_checkpoint
     optimizer = make_optimizer(model, 1e-4, 0.1, rt.device)
-    trained = torch.compile(model) if compile else model
     B, T = batch_size, config.block_size
     x = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
     y = torch.randint(0, config.vocab_size, (B, T), device=rt.device)
 
-    def step():
+    def sft_loss(model, x, y):
         with rt.autocast():
-            logits = trained(x)  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32, as train_sft
-        backward(loss, rt)
+            logits = model(x)  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32, as train_sft
+
+    trained = torch.compile(model) if compile and not loss_in_compile else model
+    loss_fn = torch.compile(sft_loss) if compile and loss_in_compile else sft_loss
+
+    def step():
+        backward(loss_fn(trained, x, y), rt)
         optimizer_step(model, optimizer, rt, grad_clip=1.0)
 
-    for _ in range(warmup):
-        step()
-    _reset_peak_memory(rt.device)
-    _sync(rt.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(rt.device)
+    backends = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+    if attention and attention not in backends:
+        raise ValueError(f"unknown attention kernel {attention!r}: flash | efficient | cudnn")
+    with (torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backends[attention]))
+          if attention else contextlib.nullcontext()):
+        for _ in range(warmup):
+            step()
+        _reset_peak_memory(rt.device)
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(rt.device)
     seconds = (time.perf_counter() - t0) / steps
     tokens_per_s = B * T / seconds
     flops_per_token = model_flops_per_token(model, T)
     flops = flops_per_token * tokens_per_s  # achieved FLOP/s
     peak = peak_flops(rt.device, rt.dtype)
     return {"params_M": model.num_params() / 1e6, "batch_size": B, "seq_len": T, "dtype": str(rt.dtype),
-            "compile": compile, "grad_checkpoint": grad_checkpoint, "step_s": seconds,
+            "compile": compile, "loss_in_compile": loss_in_compile, "attention": attention or "sdpa's choice",
+            "grad_checkpoint": grad_checkpoint, "step_s": seconds,
             "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token, "tflops": flops / 1e12,
             "peak_tflops": peak / 1e12 if peak else None, "mfu": flops / peak if peak else None,
             "peak_mem_gb": _peak_memory_gb(rt.device)}

@@ -56,6 +56,21 @@ def test_sft_resume_continues_from_step_8(sft_dir, tmp_path):
     assert logged_steps(out) == list(range(1, 13))  # the log continues: 1..8 kept, 9..12 appended
 
 
+def test_sft_keeps_the_checkpoint_of_the_best_validation_loss(sft_dir, tmp_path):
+    out = str(tmp_path / "sft")
+    shutil.copytree(sft_dir, out)
+    best = load_checkpoint(out, "sft")["val_loss"]
+    # a learning rate of 3 wrecks the weights: the validation loss at steps 12 and 16 is far above step 8's
+    result = run("train_sft.py", "--preset", "tiny", "--out_dir", out, "--resume", "--max_iters", "16",
+                 "--lr", "3", "--min_lr", "3")
+    check_ok(result)
+    val = {r["step"]: r["val_loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "val_loss" in r}
+    assert val[12] > best and val[16] > best
+    ckpt = load_checkpoint(out, "sft")
+    assert ckpt["step"] == 8 and ckpt["best_val_loss"] == ckpt["val_loss"] == best
+    assert "validation loss rose after step 8" in result.stdout and f"validation loss {best:.3f}" in result.stdout
+
+
 def test_rm_trains_from_the_sft_checkpoint(sft_dir, tmp_path):
     out = str(tmp_path / "rm")
     check_ok(run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out))
@@ -98,3 +113,19 @@ def test_unknown_flag_is_rejected():
     result = run("train_sft.py", "--no_such_flag", "3")
     assert result.returncode == 2
     assert "unrecognized arguments: --no_such_flag" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_sft_compiled_with_its_loss_matches_eager(tmp_path):
+    """--compile traces the model and its cross-entropy as one graph: the same losses as eager."""
+    runs = {}
+    for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / name)
+        check_ok(run("train_sft.py", "--preset", "tiny", "--out_dir", out, "--sft_dropout", "0", *flags, timeout=600))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[name] = [json.loads(line) for line in f if line.strip()]
+    assert [r["step"] for r in runs["compiled"]] == [r["step"] for r in runs["eager"]] == list(range(1, 9))
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        for key in ("loss", "grad_norm") + (("val_loss",) if "val_loss" in a else ()):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
