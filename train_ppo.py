@@ -33,7 +33,7 @@ from nanorlhf.model import ScalarGPT, join_prompt_response, logprobs_from_logits
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController, compute_gae, entropy_from_logits, \
     explained_variance, kl_penalty_rewards, last_token_index, masked_mean, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
-from nanorlhf.sampler import generate
+from nanorlhf.sampler import generate, make_decode_step
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_max, all_reduce_mean, backward, make_optimizer, \
     optimizer_step, unwrap, wrap_ddp
 
@@ -157,17 +157,22 @@ def save(iteration):
 log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
 if ckpt is not None:
     log.keep_until(start)
+# --compile: the rollout's decode step too, captured as a CUDA graph on GPU (one launch per token) or
+# compiled on CPU. Its shapes must not change, so the prompts are padded to max_prompt_tokens: one
+# graph for the whole run. The step reads the policy's weights in place, so it sees every update.
+decode_step = make_decode_step(policy, "cuda_graph" if rt.device.type == "cuda" else "compile") if cfg.compile else None
 stop = StopOnSignal()  # Ctrl-C: finish the iteration, save, exit
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: sample a response for each prompt of this rank's slice of the batch
     rows = data_rng.choice(len(train_prompts), cfg.rollout_batch, replace=False)[rt.rank::rt.world_size]
     prompts = [train_prompts[i] for i in rows]
-    prompt, prompt_mask = left_pad(encode_prompts(enc, prompts, cfg.max_prompt_tokens), enc.eot_token, rt.device)
+    prompt, prompt_mask = left_pad(encode_prompts(enc, prompts, cfg.max_prompt_tokens), enc.eot_token, rt.device,
+                                   width=cfg.max_prompt_tokens if decode_step else None)
     policy.eval()
     with rt.autocast():
         rollout = generate(policy, prompt, prompt_mask, cfg.max_new_tokens, cfg.temperature,
-                           eos_id=enc.eot_token, generator=generator)
+                           eos_id=enc.eot_token, generator=generator, decode_step=decode_step)
     policy.train()
     response, mask = rollout["tokens"], rollout["mask"]  # (B, N): right padded, mask through the first EOS
     t1 = time.time()

@@ -65,7 +65,7 @@ class CommonConfig:
     seed: int = 1337  # seeds python, numpy and torch
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model (GPU; slower to start, faster to run)
+    compile: bool = False  # torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
     resume: bool = False  # continue from out_dir/ckpt.pt
     dataset: str = "sample"  # sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
