@@ -269,3 +269,10 @@ def test_tinystories_full_downloads_and_splits(tmp_path, monkeypatch):
     assert split_stories(text) == STORIES
     train, val = train_val_stories(text)
     assert sorted(train + val) == sorted(STORIES) and val
+
+
+def test_left_pad_to_a_fixed_width():
+    tokens, mask = left_pad([[1, 2], [3]], 0, width=4)
+    assert tokens.tolist() == [[0, 0, 1, 2], [0, 0, 0, 3]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    with pytest.raises(ValueError, match="does not fit a width of 2"):
+        left_pad([[1, 2, 3]], 0, width=2)
