@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nanorlhf.data import FULL_PATH
+
 # Presets: values that differ between a test run (tiny), a laptop (cpu) and one GPU (gpu).
 # "all" applies to every stage; a stage's own table overrides it. Fields a stage lacks are skipped.
 PRESETS = {
@@ -36,11 +38,12 @@ PRESETS = {
         "ppo": dict(iterations=30, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5, lr=5e-5,
                     value_lr=1e-4, init_kl_coef=0.1),
         "dpo": dict(max_iters=150, batch_size=16, lr=5e-5),
+        "tinystories_full": {"all": dict(tokenizer_chars=20_000_000)},  # a BPE on 2 GB of text would take hours
     },
-    # gpu: GPT-2-small's shape (12 x 768) sized for the bundled 853-story sample, whose 200k tokens the
-    # model would memorise in a few epochs (train_sft keeps the best validation checkpoint), and whose
-    # BPE runs out of merges before 8,192 tokens. The full TinyStories takes the same preset with
-    # --dataset tinystories_full and longer stages (README, "On one GPU").
+    # gpu: GPT-2-small's shape (12 x 768). Its stage tables are sized for the bundled 853-story sample, whose
+    # 178k training tokens the model memorises in ~20 epochs (train_sft keeps the best validation checkpoint)
+    # and whose BPE runs out of merges before 8,192 tokens; "tinystories_full" replaces them when the run
+    # uses the full TinyStories (the default once data/TinyStoriesV2-GPT4-train.txt is there).
     "gpu": {
         "all": dict(vocab_size=4096, n_layer=12, n_head=12, n_embd=768, block_size=512, max_prompt_tokens=64,
                     max_new_tokens=256, sample_batch=256),
@@ -53,6 +56,15 @@ PRESETS = {
         "dpo": dict(max_iters=300, batch_size=64, lr=1e-5),
         "eval": dict(n_prompts=512),
         "study": dict(iterations=100, eval_prompts=512),
+        # 2.1M stories (~470M tokens): SFT sees ~80M of them; the BPE learns from the first 20M characters
+        "tinystories_full": {
+            "all": dict(tokenizer_chars=20_000_000),
+            "sft": dict(max_iters=5000, eval_every=250, eval_iters=20, sample_every=500, warmup_iters=200),
+            "rm": dict(n_prompts=8000, epochs=1),
+            "ppo": dict(iterations=200, sample_every=20, save_every=20),
+            "dpo": dict(max_iters=2000),
+            "study": dict(iterations=300),
+        },
     },
 }
 
@@ -68,7 +80,7 @@ class CommonConfig:
     compile: bool = False  # torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
     resume: bool = False  # continue from out_dir/ckpt.pt
-    dataset: str = "sample"  # sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
+    dataset: str = "auto"  # auto | sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
     tokenizer: str = "bpe"  # bpe (trained on the corpus) | gpt2 (tiktoken's GPT-2 encoding)
     vocab_size: int = 2048  # BPE vocabulary size including <|endoftext|>
     tokenizer_chars: int = 0  # train the BPE on the first N characters only (0 = all)
@@ -238,9 +250,17 @@ def make_config(cls, stage, **overrides):
     preset = overrides.get("preset") or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = {**PRESETS[preset]["all"], **PRESETS[preset].get(stage, {})}
+    # dataset auto: the full TinyStories with the gpu preset once it has been downloaded, else the sample
+    dataset = overrides.get("dataset") or "auto"
+    if dataset == "auto":
+        dataset = "tinystories_full" if preset == "gpu" and os.path.exists(FULL_PATH) else "sample"
+    # a preset's sizes for the full corpus, where it has them
+    data_table = PRESETS[preset].get("tinystories_full", {}) if dataset == "tinystories_full" else {}
+    values = {**PRESETS[preset]["all"], **PRESETS[preset].get(stage, {}), **data_table.get("all", {}),
+              **data_table.get(stage, {})}
     values = {k: v for k, v in values.items() if k in names}
     values.update(overrides)
+    values["dataset"] = dataset
     values["preset"] = preset
     values["out_dir"] = values.get("out_dir") or os.path.join("out", stage)
     cfg = cls(**values)

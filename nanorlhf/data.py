@@ -22,16 +22,17 @@ DATA_DIR = os.path.join(REPO, "data")
 SAMPLE = os.path.join(DATA_DIR, "tinystories_sample.txt")
 # The full TinyStories (Eldan & Li 2023, CDLA-Sharing-1.0), stories separated by <|endoftext|>.
 FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt"
+FULL_PATH = os.path.join(DATA_DIR, "TinyStoriesV2-GPT4-train.txt")
 # A paragraph that opens a new story in the blank-line separated sample.
 STORY_OPENING = re.compile(r"^(Once\b|There (once )?(was|were|lived)\b|Long ago\b|One day, (a|an|there)\b)")
 SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]["”])\s+')
 
 
 def corpus_path(dataset):
-    if dataset == "sample":
+    if dataset in ("sample", "auto"):  # make_config resolves auto; a config built by hand reads the sample
         return SAMPLE
     if dataset == "tinystories_full":
-        return download(FULL_URL, os.path.join(DATA_DIR, "TinyStoriesV2-GPT4-train.txt"))
+        return download(FULL_URL, FULL_PATH)
     return dataset  # a path to the user's own text file
 
 
@@ -101,15 +102,18 @@ def encode_stories(enc, stories, cache_dir=os.path.join(DATA_DIR, "cache")):
     key = hashlib.sha256(("\x00".join(stories) + repr(sorted(state.items()))).encode()).hexdigest()[:16]
     tok_path, off_path = (os.path.join(cache_dir, f"{key}.{x}.npy") for x in ("tokens", "offsets"))
     if not (os.path.exists(tok_path) and os.path.exists(off_path)):
+        if len(stories) > 100_000:
+            print(f"tokenising {len(stories):,} stories (once: cached in {cache_dir})", flush=True)
         seqs, prompt_lens = [], []
         for story in stories:
             prompt, response = split_prompt(story)
             p = enc.encode_ordinary(prompt)
-            seqs.append(p + enc.encode_ordinary(response) + [enc.eot_token])
+            # 4 bytes a token now, not a python int's 28 + 8: the full TinyStories is ~470M tokens
+            seqs.append(np.array(p + enc.encode_ordinary(response) + [enc.eot_token], dtype=np.uint32))
             prompt_lens.append(len(p))
         lengths = np.array([len(s) for s in seqs])
         offsets = np.stack([np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths, prompt_lens], 1)
-        flat = np.concatenate([np.array(s, dtype=np.uint32) for s in seqs])
+        flat = np.concatenate(seqs)
         atomic_write(tok_path, lambda f: np.save(f, flat))
         atomic_write(off_path, lambda f: np.save(f, offsets))
     flat = np.load(tok_path, mmap_mode="r")

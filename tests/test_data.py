@@ -261,7 +261,7 @@ def test_download_error_names_the_way_out(tmp_path):
 
 
 def test_tinystories_full_downloads_and_splits(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "FULL_PATH", str(tmp_path / "TinyStoriesV2-GPT4-train.txt"))
     with RangeServer(CORPUS) as server:
         monkeypatch.setattr(data, "FULL_URL", server.url)
         text = load_corpus("tinystories_full")
@@ -276,3 +276,20 @@ def test_left_pad_to_a_fixed_width():
     assert tokens.tolist() == [[0, 0, 1, 2], [0, 0, 0, 3]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
     with pytest.raises(ValueError, match="does not fit a width of 2"):
         left_pad([[1, 2, 3]], 0, width=2)
+
+
+def test_the_gpu_preset_takes_the_full_tinystories_once_it_is_there(tmp_path, monkeypatch):
+    from nanorlhf import config
+    from nanorlhf.config import PRESETS, SFTConfig, make_config
+    full_path = tmp_path / "TinyStoriesV2-GPT4-train.txt"
+    monkeypatch.setattr(config, "FULL_PATH", str(full_path))
+    on_sample = make_config(SFTConfig, "sft", preset="gpu")
+    assert on_sample.dataset == "sample" and on_sample.max_iters == PRESETS["gpu"]["sft"]["max_iters"]
+    full_path.write_text("Once upon a time.<|endoftext|>")
+    on_full = make_config(SFTConfig, "sft", preset="gpu")
+    assert on_full.dataset == "tinystories_full"
+    assert on_full.max_iters == PRESETS["gpu"]["tinystories_full"]["sft"]["max_iters"] != on_sample.max_iters
+    assert on_full.tokenizer_chars == 20_000_000 and on_full.batch_size == on_sample.batch_size
+    assert make_config(SFTConfig, "sft", preset="gpu", max_iters=7).max_iters == 7  # the command line wins
+    assert make_config(SFTConfig, "sft", preset="gpu", dataset="sample").max_iters == on_sample.max_iters
+    assert make_config(SFTConfig, "sft", preset="cpu").dataset == "sample"  # only the gpu preset switches
