@@ -19,6 +19,8 @@ from nanorlhf.data import FULL_PATH
 
 # Presets: values that differ between a test run (tiny), a laptop (cpu) and one GPU (gpu).
 # "all" applies to every stage; a stage's own table overrides it. Fields a stage lacks are skipped.
+# A preset's "tinystories_full" table (its own "all" and stages) overrides both when the run reads the
+# full TinyStories (make_config).
 PRESETS = {
     "tiny": {
         "all": dict(vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=96, max_prompt_tokens=24,
@@ -333,15 +335,20 @@ def setup_runtime(cfg):
     elif dtype is None:
         raise ValueError(f"unknown dtype {cfg.dtype!r}: auto | float32 | bfloat16 | float16")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        # cuDNN's attention kernel builds a plan for each new shape: a rollout's key width grows by one every
-        # step, and each new prompt width brings 256 new shapes (on an H100 with torch 2.11 some PPO rollouts
-        # took 14 s instead of 1.4 s; none did with it off). SDPA's flash and memory-efficient kernels need none.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        set_cuda_kernels()
     seed_everything(cfg.seed + rank)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Runtime(device=device, dtype=dtype, rank=rank, world_size=world_size, scaler=scaler)
+
+
+def set_cuda_kernels():
+    """TF32 for fp32 matrix products, and no cuDNN attention. cuDNN's attention kernel builds a plan for
+    each new shape: a rollout's key width grows by one every step, and each new prompt width brings 256
+    new shapes (on an H100 with torch 2.11 some PPO rollouts took 14 s instead of 1.4 s; none did with it
+    off). SDPA's flash and memory-efficient kernels need no plan."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def seed_everything(seed):

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.attention
 
-from nanorlhf.config import PRESETS, Runtime
+from nanorlhf.config import PRESETS, Runtime, set_cuda_kernels
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
 from nanorlhf.ppo import compute_gae, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
@@ -62,8 +62,7 @@ def peak_flops(device, dtype):
 def _runtime(device, dtype):
     device, dtype = torch.device(device), DTYPES.get(dtype, dtype)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as setup_runtime
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        set_cuda_kernels()  # as setup_runtime
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Runtime(device=device, dtype=dtype, scaler=scaler)
 
