@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from nanorlhf.config import PRESETS
+from nanorlhf.config import COMPILE_MODES, PRESETS
 from nanorlhf.model import GPT, GPTConfig, to_hf_gpt2
 from nanorlhf.sampler import generate, make_decode_step, naive_generate
 
@@ -220,6 +220,10 @@ def main():
                         help="train --compile: compile the cross-entropy together with the model")
     parser.add_argument("--attention", default="", choices=["", "flash", "efficient", "cudnn"],
                         help="train: force this SDPA attention kernel (default: SDPA chooses)")
+    parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                        help="train --compile: torch.compile's mode (max-autotune-no-cudagraphs: minutes to compile)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="train: dropout while training (default: the preset's SFT dropout, as train_sft.py)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.what in ("train", "ppo"):
@@ -258,11 +262,14 @@ def bench_training(args, device, dtype):
     dtypes = [dtype, torch.bfloat16] if device.type == "cpu" and dtype == torch.float32 else [dtype]
     for d in dtypes:
         r = bench_sft(preset, device, d, compile=args.compile, steps=args.steps, batch_size=args.batch or None,
-                      loss_in_compile=args.loss_in_compile, attention=args.attention)
+                      loss_in_compile=args.loss_in_compile, attention=args.attention, dropout=args.dropout,
+                      compile_mode=args.compile_mode)
+        compiled = f" compiled ({args.compile_mode})" if r["compile"] else ""
         mfu = f"MFU {r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "no peak known: no MFU"
         print(f"SFT {preset} preset ({r['params_M']:.1f}M params, batch {r['batch_size']} x {r['seq_len']}), "
-              f"{r['dtype']}{' compiled' if r['compile'] else ''}{' with the loss' if r['loss_in_compile'] else ''}"
-              f"{f', {args.attention} attention' if args.attention else ''} on {device}: {r['tokens_per_s']:,.0f} tokens/s | "
+              f"{r['dtype']}{compiled}{' with the loss' if r['loss_in_compile'] else ''}"
+              f"{f', {args.attention} attention' if args.attention else ''}, dropout {r['dropout']:g} on {device}: "
+              f"{r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['tflops']:.3f} TFLOP/s | {mfu} | peak memory {r['peak_mem_gb']:.2f} GB")
 
 

@@ -120,7 +120,8 @@ if ckpt is not None:  # both models and optimizers, beta, the prompt order, the 
 # the modules that train (and give the old logprobs and values): compiled with --compile, wrapped for DDP.
 # Rollouts sample from the plain policy; all of them share the same fp32 master weights.
 policy.grad_checkpoint = value_model.gpt.grad_checkpoint = cfg.grad_checkpoint
-policy_ddp, value_ddp = (wrap_ddp(torch.compile(m) if cfg.compile else m, rt) for m in (policy, value_model))
+policy_ddp, value_ddp = (wrap_ddp(torch.compile(m, mode=cfg.compile_mode) if cfg.compile else m, rt)
+                         for m in (policy, value_model))
 
 # ---------------------------------------------------------------- prompts
 try:

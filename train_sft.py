@@ -22,6 +22,7 @@ from nanorlhf.data import DATA_DIR, encode_prompts, encode_stories, left_pad, lo
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
 from nanorlhf.sampler import generate
+from nanorlhf.throughput import peak_flops, training_speed
 from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, global_mean_denominator, \
     make_optimizer, optimizer_step, unwrap, wrap_ddp
@@ -120,22 +121,22 @@ def token_nll(model, x, y):
 
 # --compile: the model and its cross-entropy in one graph, so the fp32 logits are never written out whole
 # (2% more tokens/s than compiling the model alone on an H100, bench.py train --loss_in_compile)
-nll_of = torch.compile(token_nll) if cfg.compile else token_nll
+nll_of = torch.compile(token_nll, mode=cfg.compile_mode) if cfg.compile else token_nll
 
 
 def batch_loss(seqs, prompt_lens, rows):
+    """-> the mean loss over the tokens that count on all ranks together, and this rank's batch shape (B, T)."""
     x, y, loss_mask = story_batch(seqs, prompt_lens, rows, cfg.block_size, enc.eot_token, loss_on_response)
     x, y, loss_mask = x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
     nll = nll_of(model, x, y)
-    # averaged over the tokens that count on all ranks together
-    return (nll * loss_mask).sum() / global_mean_denominator(loss_mask.sum(), rt)
+    return (nll * loss_mask).sum() / global_mean_denominator(loss_mask.sum(), rt), x.shape
 
 
 @torch.no_grad()
 def validation_loss():
     model.eval()
     rng = np.random.default_rng(0)  # the same validation batches every time
-    losses = [batch_loss(val_seqs, val_prompt_lens, rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size])
+    losses = [batch_loss(val_seqs, val_prompt_lens, rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size])[0]
               for _ in range(cfg.eval_iters)]
     model.train()
     return float(all_reduce_mean(torch.stack(losses).mean(), rt))
@@ -173,21 +174,28 @@ if resume_ckpt is not None:
 model.train()
 stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
 t_last = time.time()
+peak = peak_flops(rt.device, rt.dtype)  # None on CPUs and unknown GPUs: no MFU then
 while step < cfg.max_iters:
     lr = lr_at(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    total = 0.0
+    total, shapes, t_step = 0.0, [], time.time()
     for micro in range(cfg.grad_accum):
         if rt.world_size > 1:  # DDP averages the gradients over ranks once, after the last micro-batch
             model.require_backward_grad_sync = micro == cfg.grad_accum - 1
         rows = data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size]
-        loss = batch_loss(train_seqs, train_prompt_lens, rows) / cfg.grad_accum
+        loss, (B, T) = batch_loss(train_seqs, train_prompt_lens, rows)
+        loss = loss / cfg.grad_accum
         backward(loss, rt)
         total += loss.detach()
-    finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
+        shapes.append((B, T))
+    finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)  # float(grad_norm) waits for the GPU
     step += 1
-    metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm}
+    # the speed of the training step alone (not evaluation or sampling): tokens/s over all ranks, and the
+    # MFU of this rank's GPU where its peak FLOP/s is known (throughput.PEAK_FLOPS: H100, H200, A100)
+    tok_per_s, mfu = training_speed(unwrap(model), shapes, time.time() - t_step, peak)
+    metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm,
+               "tok_per_s": rt.world_size * tok_per_s, **({"mfu": mfu} if mfu is not None else {})}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped

@@ -61,7 +61,9 @@ PRESETS = {
         # 2.1M stories (~470M tokens): SFT sees ~80M of them; the BPE learns from the first 20M characters
         "tinystories_full": {
             "all": dict(tokenizer_chars=20_000_000),
-            "sft": dict(max_iters=5000, eval_every=250, eval_iters=20, sample_every=500, warmup_iters=200),
+            # no dropout: SFT sees each of these ~80M tokens about once, too few repeats to memorise
+            "sft": dict(max_iters=5000, eval_every=250, eval_iters=20, sample_every=500, warmup_iters=200,
+                        sft_dropout=0.0),
             "rm": dict(n_prompts=8000, epochs=1),
             "ppo": dict(iterations=200, sample_every=20, save_every=20),
             "dpo": dict(max_iters=2000),
@@ -80,6 +82,7 @@ class CommonConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)
+    compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs (times matmul kernels: minutes)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
     resume: bool = False  # continue from out_dir/ckpt.pt
     dataset: str = "auto"  # auto | sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
@@ -270,6 +273,12 @@ def make_config(cls, stage, **overrides):
     return cfg
 
 
+# torch.compile's modes for training. max-autotune-no-cudagraphs benchmarks several kernels for each matrix
+# product and fused op at the first step (minutes on a GPU); its CUDA-graph variant is left out because the
+# training steps here run code outside the graph (the optimizer, the non-finite check) that would break it.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 def check_config(cfg):
     """Refuse settings that cannot work, saying which and why."""
     # counts and periods: 0 would divide by zero or train nothing
@@ -289,6 +298,8 @@ def check_config(cfg):
                          f"({cfg.n_minibatches})")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from nanorlhf.checkpoint import atomic_write  # noqa: E402
 
 def _fmt(v):
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"  # 24,260 tokens/s, not 2.426e+04
     return str(v)
 
 

@@ -6,13 +6,14 @@ no corpus needed, and the numbers are those of the same calls the train scripts 
 """
 import contextlib
 import copy
+import dataclasses
 import resource
 import time
 
 import torch
 import torch.nn.attention
 
-from nanorlhf.config import PRESETS, Runtime, set_cuda_kernels
+from nanorlhf.config import PRESETS, Runtime, SFTConfig, make_config, set_cuda_kernels
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
 from nanorlhf.ppo import compute_gae, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
@@ -46,6 +47,15 @@ def model_flops_per_token(config, seq_len):
             config = GPT(config)
     c = config.config
     return 6 * config.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
+def training_speed(model, batch_shapes, seconds, peak=None):
+    """-> (tokens/s, MFU) of training steps that took `seconds` for batches of these (B, T) shapes:
+    every position counts, padding included (the model computes it); MFU is the model FLOP/s over
+    `peak` (peak_flops), None without one."""
+    tokens = sum(B * T for B, T in batch_shapes)
+    flops = sum(B * T * model_flops_per_token(model, T) for B, T in batch_shapes)
+    return tokens / seconds, (flops / seconds / peak if peak else None)
 
 
 def peak_flops(device, dtype):
@@ -92,18 +102,24 @@ def model_config(preset):
 
 
 def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compile=False, steps=10,
-              batch_size=None, grad_checkpoint=False, warmup=2, loss_in_compile=False, attention=""):
+              batch_size=None, grad_checkpoint=False, warmup=2, loss_in_compile=False, attention="", dropout=None,
+              compile_mode="default"):
     """Time `steps` SFT training steps (forward, fp32 cross-entropy, backward, clipped AdamW step)
     on batches of random tokens, block_size long, after `warmup` steps (compilation, allocator).
-    preset_or_config: a preset name (its model and SFT batch size) or a GPTConfig (give batch_size).
+    preset_or_config: a preset name (its model, SFT batch size and dropout, as train_sft.py would
+    resolve them here) or a GPTConfig (give batch_size). dropout: None = the preset's (or the config's).
     loss_in_compile: compile the cross-entropy with the model (one graph: the fp32 logits are never
     written out whole) instead of the model alone. attention: "" lets SDPA choose its kernel;
-    flash | efficient | cudnn forces one."""
+    flash | efficient | cudnn forces one. compile_mode: torch.compile's mode (config.COMPILE_MODES)."""
     if isinstance(preset_or_config, str):
-        config = model_config(preset_or_config)
-        batch_size = batch_size or PRESETS[preset_or_config]["sft"]["batch_size"]
+        sft = make_config(SFTConfig, "sft", preset=preset_or_config)
+        config = GPTConfig(vocab_size=sft.vocab_size, block_size=sft.block_size, n_layer=sft.n_layer,
+                           n_head=sft.n_head, n_embd=sft.n_embd, dropout=sft.sft_dropout)
+        batch_size = batch_size or sft.batch_size
     else:
         config, batch_size = preset_or_config, batch_size or 8
+    if dropout is not None:
+        config = dataclasses.replace(config, dropout=dropout)
     rt = _runtime(device, dtype)
     torch.manual_seed(0)
     model = GPT(config).to(rt.device).train()
@@ -118,8 +134,8 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
             logits = model(x)  # (B, T, V)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32, as train_sft
 
-    trained = torch.compile(model) if compile and not loss_in_compile else model
-    loss_fn = torch.compile(sft_loss) if compile and loss_in_compile else sft_loss
+    trained = torch.compile(model, mode=compile_mode) if compile and not loss_in_compile else model
+    loss_fn = torch.compile(sft_loss, mode=compile_mode) if compile and loss_in_compile else sft_loss
 
     def step():
         backward(loss_fn(trained, x, y), rt)
@@ -139,15 +155,16 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
             step()
         _sync(rt.device)
     seconds = (time.perf_counter() - t0) / steps
-    tokens_per_s = B * T / seconds
+    peak = peak_flops(rt.device, rt.dtype)
+    tokens_per_s, mfu = training_speed(model, [(B, T)], seconds, peak)
     flops_per_token = model_flops_per_token(model, T)
     flops = flops_per_token * tokens_per_s  # achieved FLOP/s
-    peak = peak_flops(rt.device, rt.dtype)
     return {"params_M": model.num_params() / 1e6, "batch_size": B, "seq_len": T, "dtype": str(rt.dtype),
-            "compile": compile, "loss_in_compile": loss_in_compile, "attention": attention or "sdpa's choice",
+            "compile": compile, "compile_mode": compile_mode, "loss_in_compile": loss_in_compile,
+            "attention": attention or "sdpa's choice", "dropout": config.dropout,
             "grad_checkpoint": grad_checkpoint, "step_s": seconds,
             "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token, "tflops": flops / 1e12,
-            "peak_tflops": peak / 1e12 if peak else None, "mfu": flops / peak if peak else None,
+            "peak_tflops": peak / 1e12 if peak else None, "mfu": mfu,
             "peak_mem_gb": _peak_memory_gb(rt.device)}
 
 

@@ -290,6 +290,7 @@ def test_the_gpu_preset_takes_the_full_tinystories_once_it_is_there(tmp_path, mo
     assert on_full.dataset == "tinystories_full"
     assert on_full.max_iters == PRESETS["gpu"]["tinystories_full"]["sft"]["max_iters"] != on_sample.max_iters
     assert on_full.tokenizer_chars == 20_000_000 and on_full.batch_size == on_sample.batch_size
+    assert on_full.sft_dropout == 0.0 and on_sample.sft_dropout == 0.1  # one pass over the full corpus: no dropout
     assert make_config(SFTConfig, "sft", preset="gpu", max_iters=7).max_iters == 7  # the command line wins
     assert make_config(SFTConfig, "sft", preset="gpu", dataset="sample").max_iters == on_sample.max_iters
     assert make_config(SFTConfig, "sft", preset="cpu").dataset == "sample"  # only the gpu preset switches

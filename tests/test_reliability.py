@@ -492,6 +492,8 @@ def test_config_errors_in_process():
         make_config(PPOConfig, "ppo", preset="tiny", rollout_batch=6, n_minibatches=4)
     with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
         make_config(SFTConfig, "sft", preset="tiny", max_bad_steps=0)
+    with pytest.raises(ValueError, match="unknown compile_mode 'max-autotune': default | max-autotune-no-cudagraphs"):
+        make_config(SFTConfig, "sft", preset="tiny", compile_mode="max-autotune")
 
 
 def test_a_prompt_longer_than_its_budget_is_cut_with_a_warning():

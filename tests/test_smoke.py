@@ -44,6 +44,9 @@ def test_sft_writes_checkpoint_metrics_and_plot(sft_dir):
     assert ckpt["step"] == 8 and ckpt["config"]["preset"] == "tiny"
     assert ckpt["model_config"]["dropout"] == 0.0
     assert logged_steps(sft_dir) == list(range(1, 9))
+    with open(os.path.join(sft_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert all(r["tok_per_s"] > 0 and "mfu" not in r for r in records)  # speed logged; no MFU on a CPU
 
 
 def test_sft_resume_continues_from_step_8(sft_dir, tmp_path):

@@ -5,7 +5,7 @@ import math
 import torch
 
 from nanorlhf.model import GPTConfig
-from nanorlhf.throughput import bench_ppo, bench_sft, model_flops_per_token, peak_flops
+from nanorlhf.throughput import bench_ppo, bench_sft, model_flops_per_token, peak_flops, training_speed
 
 
 def test_model_flops_per_token_by_hand():
@@ -16,6 +16,22 @@ def test_model_flops_per_token_by_hand():
     assert n == 6960
     config = GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=2, n_embd=C)
     assert model_flops_per_token(config, T) == 6 * n + 12 * L * C * T
+
+
+def test_training_speed_by_hand():
+    """train_sft.py's tok_per_s and mfu: two micro-batches of different widths in 2 s on a 1 MFLOP/s chip."""
+    config = GPTConfig(vocab_size=23, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    f = lambda T: 6 * 6960 + 12 * 2 * 16 * T  # FLOPs per token, counted by hand above
+    tokens_per_s, mfu = training_speed(config, [(2, 5), (3, 7)], 2.0, peak=1e6)
+    assert tokens_per_s == (2 * 5 + 3 * 7) / 2.0
+    assert math.isclose(mfu, (2 * 5 * f(5) + 3 * 7 * f(7)) / 2.0 / 1e6, rel_tol=1e-12)
+    assert training_speed(config, [(2, 5)], 1.0)[1] is None  # no peak known, no MFU
+
+
+def test_bench_sft_trains_with_the_presets_dropout():
+    # what train_sft.py would train with: the tiny preset keeps SFTConfig's dropout
+    assert bench_sft("tiny", "cpu", torch.float32, steps=1, warmup=0)["dropout"] == 0.1
+    assert bench_sft("tiny", "cpu", torch.float32, steps=1, warmup=0, dropout=0.0)["dropout"] == 0.0
 
 
 def test_bench_sft_on_tiny_cpu():
