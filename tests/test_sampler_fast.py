@@ -229,6 +229,6 @@ def test_bench_train_and_ppo_run(what):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     if what == "train":  # on CPU fp32 and bf16 autocast are timed side by side
-        assert "torch.float32 on cpu" in out.stdout and "torch.bfloat16 on cpu" in out.stdout
+        assert "torch.float32, dropout 0.1 on cpu" in out.stdout and "torch.bfloat16, dropout 0.1 on cpu" in out.stdout
     else:
         assert all(part in out.stdout for part in ("rollout", "score", "ref_value", "learn", "peak memory"))
