@@ -234,7 +234,7 @@ def parse_config(cls, stage, argv=None, description=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)"
+        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)".replace("%", "%%")  # argparse formats help with %
         kind = _str2bool if f.type in (bool, "bool") else type(f.default)
         parser.add_argument(f"--{f.name}", type=kind, default=None, nargs="?" if kind is _str2bool else None,
                             const=True if kind is _str2bool else None, help=comment or f.name)
@@ -283,7 +283,8 @@ def check_config(cfg):
     """Refuse settings that cannot work, saying which and why."""
     # counts and periods: 0 would divide by zero or train nothing
     for name in ("batch_size", "grad_accum", "eval_every", "eval_iters", "sample_every", "save_every", "log_every",
-                 "rollout_batch", "n_minibatches", "sample_batch", "ppo_epochs", "epochs", "max_bad_steps"):
+                 "rollout_batch", "n_minibatches", "sample_batch", "ppo_epochs", "epochs", "max_bad_steps",
+                 "n_prompts"):
         if getattr(cfg, name, 1) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_prompt_tokens + cfg.max_new_tokens > cfg.block_size:
@@ -298,6 +299,17 @@ def check_config(cfg):
                          f"({cfg.n_minibatches})")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
+    # the reward model's simulated raters, checked before minutes of sampling responses for them
+    if isinstance(cfg, RMConfig) and not cfg.prefs:
+        if cfg.k_responses < 2:
+            raise ValueError(f"k_responses must be >= 2 (a comparison needs two responses), got {cfg.k_responses}")
+        if cfg.n_raters < 2:
+            raise ValueError(f"n_raters must be >= 2 (the inter-rater agreement compares raters), got {cfg.n_raters}")
+        if cfg.rater_bias not in ("", "length", "flowery"):
+            raise ValueError(f"unknown rater_bias {cfg.rater_bias!r}: '' (none) | length | flowery")
+        if not 0 < cfg.rater_noise_low <= cfg.rater_noise_high:
+            raise ValueError(f"need 0 < rater_noise_low <= rater_noise_high, got {cfg.rater_noise_low}, "
+                             f"{cfg.rater_noise_high}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
 

@@ -492,6 +492,17 @@ def test_config_errors_in_process():
         make_config(PPOConfig, "ppo", preset="tiny", rollout_batch=6, n_minibatches=4)
     with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
         make_config(SFTConfig, "sft", preset="tiny", max_bad_steps=0)
+    # the RM's raters, refused before any response is sampled for them
+    from nanorlhf.config import RMConfig
+    with pytest.raises(ValueError, match="unknown rater_bias 'lenght'"):
+        make_config(RMConfig, "rm", preset="tiny", rater_bias="lenght")
+    with pytest.raises(ValueError, match="n_raters must be >= 2"):
+        make_config(RMConfig, "rm", preset="tiny", n_raters=1)
+    with pytest.raises(ValueError, match="k_responses must be >= 2"):
+        make_config(RMConfig, "rm", preset="tiny", k_responses=1)
+    with pytest.raises(ValueError, match="n_prompts must be >= 1"):
+        make_config(RMConfig, "rm", preset="tiny", n_prompts=0)
+    make_config(RMConfig, "rm", preset="tiny", prefs="given.jsonl", k_responses=1)  # no raters with --prefs
     with pytest.raises(ValueError, match="unknown compile_mode 'max-autotune': default | max-autotune-no-cudagraphs"):
         make_config(SFTConfig, "sft", preset="tiny", compile_mode="max-autotune")
 
