@@ -90,13 +90,15 @@ def run_stage(script, out_dir, **flags):
     if finished(out_dir, flags):
         print(f"reusing {out_dir} (finished with the same flags)")
         return out_dir
-    command = [sys.executable, script, "--out_dir", out_dir, *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
+    # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
+    command = [sys.executable, os.path.join(ROOT, script), "--out_dir", out_dir,
+               *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "stdout.log")
     print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]

@@ -54,18 +54,21 @@ for stage, script, out_dir, extra in (("sft", "train_sft.py", cfg.sft_dir, []),
         raise SystemExit(f"no {stage} checkpoint at {ckpt_path(out_dir)}: train it first:\n  {command}"
                          if rt.is_main else 1)  # the message once, from rank 0
     if not os.path.exists(ckpt_path(out_dir)):
-        command = [sys.executable, script, "--out_dir", out_dir, *extra,
+        # the script next to this one, run in this directory: relative paths (out_dir, dataset) mean the same there
+        path = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), script))
+        command = [sys.executable, path, "--out_dir", out_dir, *extra,
                    *[a for k, v in common.items() for a in (f"--{k}", str(v))]]
-        print(f"no {stage} checkpoint at {ckpt_path(out_dir)}: training it first with the same settings:\n  "
-              + " ".join(command[1:]), flush=True)
+        shown = shlex.join(["python", *command[1:]])
+        print(f"no {stage} checkpoint at {ckpt_path(out_dir)}: training it first with the same settings:\n  {shown}",
+              flush=True)
         # Ctrl-C belongs to the child meanwhile: it saves its checkpoint and stops (a Python handler,
         # unlike SIG_IGN, is not inherited, so the child gets its own)
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        returncode = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+        returncode = subprocess.run(command).returncode
         signal.signal(signal.SIGINT, previous)
         if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             raise SystemExit(f"{script} was stopped and saved its checkpoint; finish it with\n  "
-                             f"{shlex.join(['python', *command[1:], '--resume'])}\nthen run this command again")
+                             f"{shown} --resume\nthen run this command again")
         if returncode != 0:
             raise SystemExit(f"{script} failed; fix that stage first")
 

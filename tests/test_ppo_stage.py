@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def records(path):
@@ -24,11 +24,12 @@ def records(path):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """python train_ppo.py from nothing: it must train SFT and the RM itself first."""
+    """python train_ppo.py from nothing: it must train SFT and the RM itself first. Run from another
+    directory with relative paths: the earlier stages must land where this run then looks for them."""
     root = tmp_path_factory.mktemp("ppo")
     dirs = {k: str(root / k) for k in ("sft", "rm", "ppo")}
-    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                 "--out_dir", dirs["ppo"], "--iterations", "3", "--temperature", "0.7", "--save_every", "2")
+    result = run(os.path.join(REPO, "train_ppo.py"), "--preset", "tiny", "--sft_dir", "sft", "--rm_dir", "rm",
+                 "--out_dir", "ppo", "--iterations", "3", "--temperature", "0.7", "--save_every", "2", cwd=root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return dirs, result
 
