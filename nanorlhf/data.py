@@ -25,6 +25,10 @@ FULL_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/
 FULL_PATH = os.path.join(DATA_DIR, "TinyStoriesV2-GPT4-train.txt")
 # A paragraph that opens a new story in the blank-line separated sample.
 STORY_OPENING = re.compile(r"^(Once\b|There (once )?(was|were|lived)\b|Long ago\b|One day, (a|an|there)\b)")
+# What split_stories recognises, said in the corpus errors so that they tell the fix
+CORPUS_FORMAT = (f"separate stories by {EOT}, or by blank lines with each story's first paragraph starting "
+                 f"\"Once\", \"There (once) was/were/lived\", \"Long ago\" or \"One day, a/an/there\" "
+                 f"(other paragraphs join the story before them)")
 SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]["”])\s+')
 
 
@@ -41,11 +45,12 @@ def load_corpus(dataset):
     if not os.path.exists(path):
         raise FileNotFoundError(f"corpus file {path} not found: use --dataset sample (bundled), "
                                 f"--dataset tinystories_full (downloads), or the path of a text file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--dataset {path} is a folder: pass the path of a text file of stories")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
-        raise ValueError(f"corpus file {path} is empty: it needs stories separated by blank lines "
-                         f"or by {EOT}")
+        raise ValueError(f"corpus file {path} is empty: {CORPUS_FORMAT}")
     return text
 
 
@@ -84,7 +89,8 @@ def is_validation(story, val_percent=10):
 def train_val_stories(text):
     stories = split_stories(text)
     if len(stories) < 10:
-        raise ValueError(f"the corpus has only {len(stories)} stories; nanorlhf needs at least 10")
+        raise ValueError(f"the corpus has only {len(stories)} stories; nanorlhf needs at least 10: "
+                         f"{CORPUS_FORMAT}")
     val = [s for s in stories if is_validation(s)]
     train = [s for s in stories if not is_validation(s)]
     if not val:  # a small corpus may hash no story into validation: hold out the last one

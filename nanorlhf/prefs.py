@@ -15,6 +15,8 @@ Rules (reading is all-or-nothing: a broken file stops the run before it starts):
   * "prompt", when present, is a string; it may be empty (a reward model can score a bare
     response, and HH rows whose texts share no prefix get an empty prompt too)
   * "weight", when present, is a positive number; it defaults to 1.0
+  * "group", when present, is a non-negative integer shared by the rows of one ranking; either
+    every row has one or none does (a row without one is its own group, numbered by its row)
   * other keys are kept as metadata
 """
 import hashlib
@@ -58,6 +60,11 @@ def _check_row(row):
     weight = row.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
         return f"'weight' must be a positive number, got {weight!r}"
+    # train_rm.py and train_dpo.py sort groups beside the row indices that number ungrouped rows,
+    # and --extra_prefs adds the new prompt count: a negative group would join a new prompt's
+    group = row.get("group", 0)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        return f"'group' must be a non-negative integer (rows of one ranking share it), got {group!r}"
     return None
 
 
@@ -79,7 +86,7 @@ def read_prefs(path):
                                   '{"prompt", "chosen", "rejected"} rows') from None
     except UnicodeDecodeError as e:
         raise PreferenceFileError(f"{path}: not UTF-8 text ({e})") from None
-    rows, problems = [], []
+    rows, problems, grouped = [], [], {}  # grouped: has a "group" -> first line that does
     for line_no, line in enumerate(text.split("\n"), start=1):  # JSON strings cannot hold a raw "\n"
         if not line.strip():
             continue
@@ -93,6 +100,10 @@ def read_prefs(path):
             problems.append(f"line {line_no}: {problem}")
         else:
             rows.append(_normalise(row))
+            grouped.setdefault("group" in row, line_no)
+    if len(grouped) == 2:  # a row numbered by its index could land in a real group: refuse the mix
+        problems.append(f"line {grouped[False]}: no 'group', but line {grouped[True]} has one; "
+                        f"give every row a 'group' or none")
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise PreferenceFileError(f"{path}: {len(problems)} bad row(s); fix them and rerun:\n  {shown}")

@@ -76,6 +76,10 @@ def test_validation_split_is_deterministic_and_disjoint():
     assert is_validation(val[0]) and not is_validation(train[0])
     with pytest.raises(ValueError, match="at least 10"):
         train_val_stories("\n\n".join(stories[:9]))
+    # paragraphs that open no story: the error says what does, and the other separator
+    cats = "\n\n".join(f"The cat number {i} sat." for i in range(50))
+    with pytest.raises(ValueError, match=f"only 0 stories.*{EOT}.*first paragraph starting \"Once\""):
+        train_val_stories(cats)
     # a small corpus that hashes no story into validation still gets one validation story
     small = stories[:10]
     assert not any(is_validation(s) for s in small)
@@ -138,8 +142,11 @@ def test_load_corpus_errors_say_what_to_do(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n ")
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(ValueError, match=f"is empty: separate stories by {EOT}, or by blank lines with each "
+                                         "story's first paragraph starting"):
         load_corpus(str(empty))
+    with pytest.raises(IsADirectoryError, match=f"--dataset {tmp_path} is a folder: pass the path of a text file"):
+        load_corpus(str(tmp_path))
     good = tmp_path / "good.txt"
     good.write_text("Once upon a time.\n")
     assert load_corpus(str(good)) == "Once upon a time.\n"

@@ -55,9 +55,13 @@ def test_an_empty_response_that_ended_is_a_real_response(tmp_path):
     ('{"prompt": 1, "chosen": "a", "rejected": "b"}', "'prompt' must be a string"),
     ('{"prompt": "x", "chosen": "a", "rejected": "b", "weight": -1}', "'weight' must be a positive number"),
     ('["a", "b"]', "expected a JSON object"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": "g1"}', "'group' must be a non-negative integer"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": 1.5}', "'group' must be a non-negative integer"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": true}', "'group' must be a non-negative integer"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": -1}', "'group' must be a non-negative integer"),
 ])
 def test_bad_row_names_its_line(tmp_path, bad_line, message):
-    good = json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"})
+    good = json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "group": 0})
     path = write_lines(tmp_path / "bad.jsonl", [good, "", bad_line, good])  # the bad row is on line 3
     with pytest.raises(PreferenceFileError) as err:
         read_prefs(path)
@@ -76,6 +80,18 @@ def test_missing_key_on_line_2_and_all_problems_listed(tmp_path):
     assert "line 3: not valid JSON" in str(err.value)
 
 
+def test_rows_with_and_without_a_group_are_refused(tmp_path):
+    """train_rm.py / train_dpo.py number a row without a group by its index, which can be a real group."""
+    row = {"prompt": "x", "chosen": "a", "rejected": "b"}
+    path = write_lines(tmp_path / "mixed.jsonl", [json.dumps({**row, "group": 1}), json.dumps(row),
+                                                  json.dumps({**row, "group": 1})])
+    with pytest.raises(PreferenceFileError, match="line 2: no 'group', but line 1 has one; give every row"):
+        read_prefs(path)
+    for rows in ([{**row, "group": 3}, {**row, "group": 3}], [row, row]):  # all grouped, or none: fine
+        assert read_prefs(write_lines(tmp_path / "ok.jsonl", [json.dumps(r) for r in rows])) == \
+            [{**r, "weight": 1.0} for r in rows]
+
+
 def test_empty_and_missing_files(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n", encoding="utf-8")
@@ -89,7 +105,7 @@ def test_write_read_round_trip(tmp_path):
     rows = [
         {"prompt": "Tom went", "chosen": " home.", "rejected": " away!", "weight": 1 / 3,
          "rater": "rater2", "chosen_ended": True, "rejected_ended": False, "group": 0},
-        {"prompt": "", "chosen": "Ünïcode ✓\nnew line", "rejected": "plain", "weight": 1.0},
+        {"prompt": "", "chosen": "Ünïcode ✓\nnew line", "rejected": "plain", "weight": 1.0, "group": 1},
     ]
     path = tmp_path / "sub" / "prefs.jsonl"
     write_prefs(path, rows)
