@@ -211,9 +211,18 @@ while step < cfg.max_iters:
     if "val_loss" in metrics and guard.can_save(val_loss) and val_loss < best_val_loss:
         best_val_loss, best_step = val_loss, step
         save()
-    if stop.requested(rt):
-        save()
-        stop.exit(ckpt_path(cfg.out_dir), step)
+    if stop.requested(rt):  # Ctrl-C: the checkpoint stays the best one, so it is replaced only by a better fit
+        if "val_loss" not in metrics:
+            val_loss = validation_loss()
+        if guard.can_save(val_loss) and val_loss < best_val_loss:
+            best_val_loss, best_step = val_loss, step
+            save()
+        elif guard.saved_step is None:  # nothing good to keep yet (a non-finite validation loss)
+            raise SystemExit(f"stopped at step {step} without a checkpoint: the validation loss is {val_loss}")
+        else:
+            print(f"validation loss {val_loss:.3f} at step {step} is above step {best_step}'s {best_val_loss:.3f}: "
+                  f"the checkpoint stays at step {best_step}")
+        stop.exit(ckpt_path(cfg.out_dir), step, best_step)
     if rt.is_main and (step % cfg.sample_every == 0 or step == cfg.max_iters):
         print_continuations()
 stop.release()

@@ -140,9 +140,14 @@ class StopOnSignal:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
-    def exit(self, path, step):
-        print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: {resume_command()}",
-              flush=True)
+    def exit(self, path, step, saved_step=None):
+        """saved_step: the step the checkpoint at path holds, when that is not this one (SFT keeps its best)."""
+        if saved_step is None or saved_step == step:
+            print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: {resume_command()}",
+                  flush=True)
+        else:
+            print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
+                  f"{resume_command()}", flush=True)
         sys.exit(128 + self.signum)
 
 

@@ -242,6 +242,23 @@ def test_ctrl_c_sft_saves_says_how_to_resume_and_resume_is_exact(root, sft):
     assert_resumed_equals_straight(out, sft, "sft", ["model", "optimizer", "data_rng"])
 
 
+def test_ctrl_c_sft_after_the_validation_loss_rose_keeps_the_best_checkpoint(root, sft):
+    """SFT's checkpoint is its best validation loss: Ctrl-C on a worse model evaluates it and keeps the best."""
+    out = root / "sft_ctrl_c_worse"
+    shutil.copytree(sft, out)
+    best = load_checkpoint(out, "sft")
+    # lr 3 wrecks the weights; no evaluation is due (eval_every 1000), so the stop itself evaluates
+    code, output = interrupt("train_sft.py", *SFT_ARGS, "--out_dir", out, "--resume", "--max_iters", "1000",
+                             "--eval_every", "1000", "--lr", "3", "--min_lr", "3",
+                             log=root / "sft_ctrl_c_worse.log", after=rf"^step {best['step'] + 3} \|")
+    assert code == 130, output[-3000:]
+    assert f"the checkpoint stays at step {best['step']}" in output and "Traceback" not in output
+    assert re.search(rf"stopped at step \d+: {re.escape(str(ckpt_path(out)))} holds step {best['step']}", output)
+    kept = load_checkpoint(out, "sft")
+    assert kept["step"] == best["step"] and kept["val_loss"] == best["val_loss"]
+    assert_same_tensors(kept["model"], best["model"], "model")
+
+
 def test_rm_interrupted_mid_training_resumes_exactly(root, sft, rm):
     """The RM checkpoints every epoch and on Ctrl-C; an unfinished RM is refused downstream; --resume
     restores the pairs, the split and the sampler, so weights and reward normaliser equal the straight run's."""
