@@ -34,17 +34,13 @@ print_config(cfg)
 
 # ---------------------------------------------------------------- reference policy, reward model, prompts
 try:
-    reference, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    reference, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device, fits=cfg)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
 except CheckpointError as e:
     raise SystemExit(str(e))
 reference.eval().requires_grad_(False)
 rm.eval().requires_grad_(False)
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]
-if cfg.max_prompt_tokens + cfg.max_new_tokens > reference.config.block_size:
-    raise SystemExit(f"max_prompt_tokens + max_new_tokens ({cfg.max_prompt_tokens} + {cfg.max_new_tokens}) exceed "
-                     f"the model's block_size {reference.config.block_size}: pass the --preset the checkpoints were "
-                     f"trained with ({sft_ckpt['config']['preset']})")
 try:
     _, val_stories = train_val_stories(load_corpus(cfg.dataset))
 except (OSError, ValueError, RuntimeError) as e:

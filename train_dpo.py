@@ -42,7 +42,7 @@ if rt.is_main:
 
 # ---------------------------------------------------------------- policy and frozen reference, both the SFT model
 try:
-    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device, fits=cfg)
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     resume_ckpt = load_resume(cfg, "dpo")  # None without --resume
 except CheckpointError as e:

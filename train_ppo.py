@@ -74,9 +74,9 @@ for stage, script, out_dir, extra in (("sft", "train_sft.py", cfg.sft_dir, []),
 
 # ---------------------------------------------------------------- models
 try:
-    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device, fits=cfg)
     if cfg.init_policy:  # iterated RLHF: continue from an earlier PPO policy; the reference stays SFT
-        policy = load_model(cfg.init_policy, "ppo", rt.device, tokenizer_of=sft_ckpt)[0]
+        policy = load_model(cfg.init_policy, "ppo", rt.device, tokenizer_of=sft_ckpt, flag="--init_policy")[0]
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
 except CheckpointError as e:

@@ -35,10 +35,10 @@ rt = setup_runtime(cfg)
 if rt.is_main:
     print_config(cfg)
 try:
-    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device)
+    policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device, fits=cfg)
     sft_state = policy.state_dict()  # the reward model starts from the SFT weights
     if cfg.policy_dir:  # iterated RLHF: raters compare a later policy's samples; the RM is normalised on them too
-        policy = load_model(cfg.policy_dir, "ppo", rt.device, tokenizer_of=sft_ckpt)[0]
+        policy = load_model(cfg.policy_dir, "ppo", rt.device, tokenizer_of=sft_ckpt, flag="--policy_dir")[0]
     resume_ckpt = load_resume(cfg, "rm")  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))

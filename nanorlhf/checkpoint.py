@@ -76,17 +76,18 @@ def save_checkpoint(out_dir, ckpt):
     atomic_write(ckpt_path(out_dir), lambda f: torch.save(ckpt, f))
 
 
-def load_checkpoint(out_dir, stage=None):
+def load_checkpoint(out_dir, stage=None, flag=None):
     """Load out_dir/ckpt.pt; stage ("sft", "rm", ...) checks that it is the kind expected.
-    Every failure says what to do."""
+    flag: the command-line flag that named out_dir (default --<stage>_dir). Every failure says what to do."""
     out_dir = os.fspath(out_dir)
     path = ckpt_path(out_dir) if not out_dir.endswith(".pt") else out_dir
     make = MAKES.get(stage, "the training script")
+    flag = flag or (f"--{stage}_dir" if stage else "--ckpt")
     if not os.path.exists(path):
         raise CheckpointError(f"no {stage or ''} checkpoint at {path} — run `{make}` first "
-                              f"(or point --{stage}_dir at one)".replace("  ", " "))
+                              f"(or point {flag} at one)".replace("  ", " "))
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is not a file: point --{stage or 'ckpt'}_dir at the folder that holds ckpt.pt")
+        raise CheckpointError(f"{path} is not a file: point {flag} at the folder that holds ckpt.pt")
     # torch.save writes a zip archive whose directory comes last: a file cut short (a crash
     # mid-copy, a full disk) or of another format is refused here, before anything is unpickled
     if not zipfile.is_zipfile(path):
@@ -165,13 +166,19 @@ def set_rng_state(state, generator=None):
         generator.set_state(state["generator"])
 
 
-def load_model(out_dir, stage, device, tokenizer_of=None):
+def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
     """Model, tokenizer and checkpoint dict of a stage's checkpoint. Policies (sft, ppo,
     dpo) are GPTs; reward models (rm) are ScalarGPTs. tokenizer_of: another checkpoint
-    whose tokenizer this one must share."""
+    whose tokenizer this one must share. flag: as load_checkpoint. fits: a config whose
+    max_prompt_tokens + max_new_tokens the model's block_size must hold."""
     from nanorlhf.model import GPT, GPTConfig, ScalarGPT
     from nanorlhf.tokenizer import same_tokenizer, tokenizer_from_state
-    ckpt = load_checkpoint(out_dir, stage)
+    ckpt = load_checkpoint(out_dir, stage, flag)
+    block_size = ckpt["model_config"]["block_size"]
+    if fits is not None and fits.max_prompt_tokens + fits.max_new_tokens > block_size:
+        raise CheckpointError(f"max_prompt_tokens + max_new_tokens ({fits.max_prompt_tokens} + {fits.max_new_tokens}) "
+                              f"exceed the block_size {block_size} of the model in {out_dir}: pass the --preset it "
+                              f"was trained with ({ckpt.get('config', {}).get('preset', '?')}), or shorter lengths")
     if tokenizer_of is not None and not same_tokenizer(ckpt["tokenizer"], tokenizer_of["tokenizer"]):
         raise CheckpointError(f"the {stage} checkpoint in {out_dir} uses another tokenizer than the "
                               f"{tokenizer_of['stage']} checkpoint it is used with: retrain it from that one")

@@ -404,6 +404,21 @@ def test_checkpoint_of_another_stage_or_tokenizer_is_refused(root, sft, rm):
         load_model(other, "rm", "cpu", tokenizer_of=load_checkpoint(sft, "sft"))
 
 
+def test_checkpoint_of_another_preset_is_refused_naming_it(root, sft, rm):
+    """The tiny SFT model (block 96) cannot hold the cpu preset's 32 + 224 tokens: each stage says so first."""
+    with pytest.raises(CheckpointError, match=r"\(32 \+ 224\) exceed the block_size 96 .* trained with \(tiny\)"):
+        load_model(sft, "sft", "cpu", fits=make_config(PPOConfig, "ppo", preset="cpu"))
+    load_model(sft, "sft", "cpu", fits=make_config(PPOConfig, "ppo", preset="tiny"))  # its own preset fits
+    for script in ("train_rm.py", "train_ppo.py", "train_dpo.py", "eval.py"):
+        rm_dir = () if script == "train_rm.py" else ("--rm_dir", rm)
+        code, output = run(script, "--preset", "cpu", "--sft_dir", sft, *rm_dir, "--out_dir", root / "x",
+                           log=root / "preset.log")
+        assert code == 1 and "trained with (tiny)" in output and "Traceback" not in output, (script, output[-2000:])
+    # a missing checkpoint names the flag that pointed at it
+    with pytest.raises(CheckpointError, match="point --init_policy at one"):
+        load_model(root / "no_policy", "ppo", "cpu", flag="--init_policy")
+
+
 class WritesAMarker:
     """What an attacker would put in a checkpoint: unpickling it calls open(marker, "w")."""
 
