@@ -63,6 +63,8 @@ if cfg.prefs:
         raise SystemExit(str(e))
     if rt.is_main:
         print(f"read {len(rows)} preference pairs from {cfg.prefs}")
+        if os.path.abspath(cfg.prefs) != os.path.abspath(prefs_path):  # beside the RM, where train_dpo.py reads them
+            write_prefs(prefs_path, rows)
 elif resume_ckpt is not None:
     try:
         rows = read_prefs(prefs_path)  # the pairs the interrupted run labelled

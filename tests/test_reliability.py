@@ -33,6 +33,7 @@ from nanorlhf.checkpoint import CheckpointError, atomic_write, ckpt_path, load_c
 from nanorlhf.config import PPOConfig, Runtime, SFTConfig, make_config
 from nanorlhf.data import encode_prompts, load_corpus
 from nanorlhf.judge import gold_score
+from nanorlhf.prefs import read_prefs
 from nanorlhf.tokenizer import make_encoding, tokenizer_from_state, tokenizer_state, train_bpe
 from nanorlhf.train import NonFiniteGuard, optimizer_step
 
@@ -515,6 +516,7 @@ def test_long_preference_rows_are_cut_to_fit_the_model(root):
                        "--norm_samples", "4", "--eval_samples", "4", log=root / "rm48.log")
     assert code == 0, output[-3000:]
     assert load_checkpoint(root / "rm48", "rm")["step"] > 0
+    assert read_prefs(root / "rm48" / "prefs.jsonl") == read_prefs(prefs)  # beside the RM, for train_dpo.py
 
 
 def test_config_errors_in_process():
