@@ -108,7 +108,7 @@ if ckpt is not None:  # both models and optimizers, beta, the prompt order, the 
     value_opt.load_state_dict(ckpt["value_optimizer"])
     if rt.scaler is not None and ckpt.get("scaler"):  # fp16: the loss scale it had reached
         rt.scaler.load_state_dict(ckpt["scaler"])
-    kl_ctl.load_state_dict(ckpt["kl_ctl"])
+    kl_ctl.value = float(ckpt["kl_ctl"]["value"])  # beta as it was; its target and horizon as asked for now
     data_rng.bit_generator.state = ckpt["data_rng"]
     set_rng_state(ckpt["rng"], generator)
     start = ckpt["step"]

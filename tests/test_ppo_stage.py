@@ -71,14 +71,18 @@ def test_resume_continues(pipeline, tmp_path):
     dirs, _ = pipeline
     out = str(tmp_path / "ppo")
     first = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                "--out_dir", out, "--iterations", "2", "--save_every", "1")
+                "--out_dir", out, "--iterations", "2", "--save_every", "1", "--adaptive_kl", "False")
     assert first.returncode == 0, first.stderr[-3000:]
+    # resumed with an adaptive controller and a new target: beta carries over, the settings are the new ones
     second = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                 "--out_dir", out, "--iterations", "4", "--resume")
+                 "--out_dir", out, "--iterations", "4", "--resume", "--target_kl", "0.5", "--kl_horizon", "100")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed" in second.stdout and "iteration 2" in second.stdout
-    steps = [r["step"] for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r]
-    assert steps == [1, 2, 3, 4]
+    logged = [r for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    kl_ctl = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["kl_ctl"]
+    assert kl_ctl["target"] == 0.5 and kl_ctl["horizon"] == 100
+    assert logged[2]["kl_coef"] == logged[1]["kl_coef"]  # fixed before the stop: iteration 3 starts from it
 
 
 def test_missing_rm_for_a_given_tokenizer_is_refused(pipeline, tmp_path):
