@@ -44,7 +44,7 @@ if rt.is_main:
 try:
     policy, enc, sft_ckpt = load_model(cfg.sft_dir, "sft", rt.device, fits=cfg)
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
-    resume_ckpt = load_resume(cfg, "dpo")  # None without --resume
+    resume_ckpt = load_resume(cfg, "dpo", policy.config)  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
 reference.eval().requires_grad_(False)  # pi_ref is never stepped (DESIGN detail 9)

@@ -98,7 +98,7 @@ data_rng = np.random.default_rng(cfg.seed)  # prompt order, the same on every ra
 start = 0
 guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr, "value_lr": cfg.value_lr}, rt.dtype)
 try:
-    ckpt = load_resume(cfg, "ppo")  # None without --resume
+    ckpt = load_resume(cfg, "ppo", policy.config)  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
 if ckpt is not None:  # both models and optimizers, beta, the prompt order, the rollout generator, the RNGs

@@ -39,7 +39,7 @@ try:
     sft_state = policy.state_dict()  # the reward model starts from the SFT weights
     if cfg.policy_dir:  # iterated RLHF: raters compare a later policy's samples; the RM is normalised on them too
         policy = load_model(cfg.policy_dir, "ppo", rt.device, tokenizer_of=sft_ckpt, flag="--policy_dir")[0]
-    resume_ckpt = load_resume(cfg, "rm")  # None without --resume
+    resume_ckpt = load_resume(cfg, "rm", policy.config)  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
 generator = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)  # every sample this stage draws

@@ -123,10 +123,15 @@ def load_checkpoint(out_dir, stage=None, flag=None):
     return ckpt
 
 
-def load_resume(cfg, stage):
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # what a model's weights must agree on
+
+
+def load_resume(cfg, stage, model_config=None):
     """The checkpoint that --resume continues (None without --resume). A missing or broken one
     raises CheckpointError; settings that differ from the checkpoint's are listed, because a
-    resumed run equals a run that never stopped only with the same ones."""
+    resumed run equals a run that never stopped only with the same ones. A model of another shape
+    is refused here, not deep in load_state_dict: model_config is the GPTConfig this run builds
+    (from --sft_dir); SFT from scratch builds its model from the shape flags."""
     if not cfg.resume:
         return None
     if not os.path.exists(ckpt_path(cfg.out_dir)):
@@ -138,6 +143,19 @@ def load_resume(cfg, stage):
                if k not in ("resume", "out_dir") and k in saved and saved[k] != v]
     if changed:
         print(f"resuming with changed settings: {', '.join(changed)}")
+    then = {k: ckpt["model_config"][k] for k in SHAPE}
+    if model_config is not None:
+        now = {k: getattr(model_config, k) for k in SHAPE}
+        fix = f"pass the --sft_dir it was trained from ({saved.get('sft_dir', '?')})"
+    elif stage == "sft" and getattr(cfg, "init_from", "") == "scratch":
+        now = {**then, **{k: getattr(cfg, k) for k in SHAPE[1:]}}  # the vocabulary comes from the checkpoint
+        fix = "resume with the model flags it was saved with"
+    else:
+        return ckpt
+    if now != then:
+        differ = ", ".join(f"{k} {then[k]} -> {now[k]}" for k in SHAPE if then[k] != now[k])
+        raise CheckpointError(f"--resume: {ckpt_path(cfg.out_dir)} holds a model of another shape than this run "
+                              f"builds ({differ}): {fix}, or drop --resume to start a new run")
     return ckpt
 
 

@@ -9,6 +9,7 @@ paying ~2 s of `import torch` for each of the ~40 runs. The Ctrl-C test of train
 real command line. Everything runs on CPU in fp32 with one thread (OMP_NUM_THREADS=1).
 """
 import ast
+import dataclasses
 import json
 import os
 import pickle
@@ -29,7 +30,7 @@ import torch._dynamo  # noqa: F401 - see below
 import nanorlhf.evaluate  # noqa: F401 - see below
 import nanorlhf.metrics  # noqa: F401
 from nanorlhf.checkpoint import CheckpointError, atomic_write, ckpt_path, load_checkpoint, load_model, \
-    save_checkpoint
+    load_resume, save_checkpoint
 from nanorlhf.config import PPOConfig, Runtime, SFTConfig, make_config
 from nanorlhf.data import encode_prompts, load_corpus
 from nanorlhf.judge import gold_score
@@ -418,6 +419,21 @@ def test_checkpoint_of_another_preset_is_refused_naming_it(root, sft, rm):
     # a missing checkpoint names the flag that pointed at it
     with pytest.raises(CheckpointError, match="point --init_policy at one"):
         load_model(root / "no_policy", "ppo", "cpu", flag="--init_policy")
+
+
+def test_resume_onto_a_model_of_another_shape_is_refused_naming_the_fix(sft, rm):
+    """--resume after changing the model (a shape flag, or an --sft_dir of another width) would fail in
+    load_state_dict with pages of size mismatches: the checkpoint check says which setting differs."""
+    from nanorlhf.config import RMConfig
+    with pytest.raises(CheckpointError, match=r"\(n_embd 32 -> 48\): resume with the model flags it was saved with"):
+        load_resume(make_config(SFTConfig, "sft", preset="tiny", out_dir=str(sft), resume=True, n_embd=48), "sft")
+    assert load_resume(make_config(SFTConfig, "sft", preset="tiny", out_dir=str(sft), resume=True), "sft")["step"] > 0
+    rm_cfg = make_config(RMConfig, "rm", preset="tiny", out_dir=str(rm), resume=True)
+    model = load_model(sft, "sft", "cpu")[0]
+    assert load_resume(rm_cfg, "rm", model.config)["stage"] == "rm"
+    wider = dataclasses.replace(model.config, n_embd=48)
+    with pytest.raises(CheckpointError, match=rf"n_embd 32 -> 48\): pass the --sft_dir it was trained from \({re.escape(str(sft))}\)"):
+        load_resume(rm_cfg, "rm", wider)
 
 
 class WritesAMarker:
