@@ -4,7 +4,8 @@ python sample.py "Once upon a time, a girl"                 # the newest of out/
 python sample.py --ckpt out/ppo --compare out/sft "Tom was sad."   # the SFT continuation beside it
 python sample.py --prompts prompts.txt --n 4 --top_p 0.9    # one prompt per line, 4 samples each
 
-reward: the reward model's score (out/rm), normalised to mean 0, std 1 on SFT samples as PPO sees it.
+reward: the reward model's score (out/rm), normalised to mean 0, std 1 on SFT samples (as in PPO, where a
+        response that never ended gets a penalty instead: see the "ended" column).
 gold:   the gold judge (nanorlhf/judge.py) that stands in for what people really want; no model sees it.
 """
 import argparse
