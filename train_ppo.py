@@ -253,11 +253,12 @@ for iteration in range(start, cfg.iterations):
         "t_rollout": t1 - t0, "t_score": t2 - t1, "t_learn": t3 - t2}
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped
-    log.log(iteration + 1, **metrics)
+    stopping = stop.requested(rt)
+    if (iteration + 1) % cfg.log_every == 0 or iteration + 1 == cfg.iterations or stopping:
+        log.log(iteration + 1, **metrics)
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}
                        for p, t, s, g in list(zip(prompts, texts, scores.tolist(), gold))[:3]])
-    stopping = stop.requested(rt)
     if (((iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations) and guard.can_save()) or stopping:
         save(iteration + 1)
     if stopping:

@@ -228,7 +228,9 @@ def rm_scores(sampled, gain=1.0, bias=0.0):
 norm_prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.norm_samples)]
 norm_sampled = sample_responses(policy, enc, norm_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                                 cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
-gain, bias = normaliser(rm_scores(norm_sampled))
+raw = rm_scores(norm_sampled)
+gain, bias = normaliser(raw)
+normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (DESIGN detail 11)
 eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_samples)]
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                          cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
@@ -239,12 +241,15 @@ val_loss, val_acc = evaluate(val_batches)
 gold_acc = gold_accuracy(val_rows)
 report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_acc if gold_acc else float("nan"),
           "spearman_rm_gold": spearman(rewards, gold), "spearman_rm_length": spearman(rewards, lengths),
-          "spearman_gold_length": spearman(gold, lengths), "gain": gain, "bias": bias}
+          "spearman_gold_length": spearman(gold, lengths), "gain": gain, "bias": bias,
+          "norm_mean": float(normed.mean()), "norm_std": float(normed.std())}
 if cfg.rater_bias == "flowery":  # the taste itself: gushing words per 10 words (length has its own line)
     taste = np.array([bias_bonus(Rater("taste", 1.0, "flowery", 1.0), t) for t in fresh["texts"]])
     report.update(spearman_rm_flowery=spearman(rewards, taste), spearman_gold_flowery=spearman(gold, taste))
 if rt.is_main:
     log.log(step, **report)
+    print(f"reward normalised on {len(normed)} {cfg.policy_dir or 'SFT'} samples: gain {gain:.3f}, bias {bias:.3f} "
+          f"-> mean {report['norm_mean']:.3f}, std {report['norm_std']:.3f}")
     print(f"held-out pairwise accuracy: RM {val_acc:.3f} vs gold judge {gold_acc:.3f} on the same noisy labels "
           f"(ratio {report['acc_ratio']:.2f})")
     print(f"on {len(gold)} fresh {cfg.policy_dir or 'SFT'} samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "

@@ -93,7 +93,6 @@ class CommonConfig:
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads
     n_embd: int = 192  # model width
-    dropout: float = 0.0  # dropout; RL stages force 0 (DESIGN detail 9)
     max_prompt_tokens: int = 32  # prompts are cut to their last N tokens (with a warning)
     max_new_tokens: int = 224  # longest response
     sample_batch: int = 64  # prompts sampled at once when collecting responses (RM data, evaluation)

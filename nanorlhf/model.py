@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # BEGIN ASSIGNMENT attention_kv_cache
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v, columns)  # (B, nh, max_len, hd)
+            k, v = kv_cache.update(layer, k, v, columns)  # (B, nh, key_width, hd): the cached columns to attend over
         # softmax(q k^T / sqrt(hd) + bias) v; attn_bias is 0 where allowed, -inf where masked
         # (None: plain causal attention, which lets SDPA pick its flash kernel)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=attn_bias is None,

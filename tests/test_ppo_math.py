@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import RAGGED_LENGTHS as LENGTHS, ragged_mask, with_garbage
+from nanorlhf.config import PPOConfig, make_config
 from nanorlhf.ppo import (FixedKLController, entropy_from_logits, explained_variance, kl_penalty_rewards,
                           last_token_index, masked_mean, masked_var)
 
@@ -90,3 +91,12 @@ def test_fixed_kl_controller():
     other.load_state_dict(kl.state_dict())
     assert other.value == 0.05
 
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu"])
+def test_ppo_settings_are_designs_in_every_preset(preset):
+    """DESIGN details 5, 7, 8: the unit tests pass these numbers in, so the shipped settings are pinned here."""
+    cfg = make_config(PPOConfig, "ppo", preset=preset)
+    assert (cfg.gamma, cfg.lam) == (1.0, 0.95)  # detail 5
+    assert (cfg.clip_range, cfg.clip_range_value, cfg.vf_coef, cfg.ppo_epochs) == (0.2, 0.2, 0.1, 4)  # detail 7
+    assert (cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon) == (True, 6.0, 10000)  # detail 8

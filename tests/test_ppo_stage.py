@@ -58,6 +58,13 @@ def test_first_minibatch_ratio_is_exactly_one_and_logprobs_align(pipeline):
     for key in ("reward", "gold", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "ratio", "value_loss",
                 "explained_var", "resp_len", "t_rollout", "t_score", "t_learn"):
         assert key in steps[0]
+    first = steps[0]  # before any update the policy is the reference
+    # detail 4 in the reference pass too: at temperature 0.7 both passes agree, so the KL is exactly 0
+    assert first["kl"] == 0.0
+    # detail 11: the value model is the RM with its head zeroed: V = 0 explains none of the returns
+    assert first["explained_var"] == 0.0
+    # detail 10: the tiny model ends no response within 24 tokens, so every score is the no-EOS penalty (-1)
+    assert first["ended"] == 0.0 and first["reward"] == -1.0
 
 
 def test_reference_is_never_stepped_and_dropout_is_off(pipeline):
@@ -83,6 +90,15 @@ def test_resume_continues(pipeline, tmp_path):
     kl_ctl = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["kl_ctl"]
     assert kl_ctl["target"] == 0.5 and kl_ctl["horizon"] == 100
     assert logged[2]["kl_coef"] == logged[1]["kl_coef"]  # fixed before the stop: iteration 3 starts from it
+
+
+def test_log_every_thins_the_log_but_keeps_the_last_iteration(pipeline, tmp_path):
+    dirs, _ = pipeline
+    out = str(tmp_path / "ppo")
+    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
+                 "--out_dir", out, "--iterations", "3", "--log_every", "2", "--eval_prompts", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r] == [2, 3]
 
 
 def test_missing_rm_for_a_given_tokenizer_is_refused(pipeline, tmp_path):
