@@ -27,7 +27,7 @@ from nanorlhf.model import response_logprobs
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs
 from nanorlhf.reward import encode_pairs
 from nanorlhf.sampler import sample_responses
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, \
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, finish_ddp, \
     global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 VAL_FRACTION = 0.1  # share of prompts (groups of pairs) held out for validation, as in train_rm.py
@@ -220,5 +220,4 @@ if rt.is_main:
         print(f"reward accuracy: train {metrics['train_acc']:.3f} / validation {metrics['val_acc']:.3f} | "
               f"reward margin: train {metrics['train_margin']:.3f} / validation {metrics['val_margin']:.3f}")
     print(f"saved {cfg.out_dir}/ckpt.pt, metrics.jsonl, dpo.png")
-if rt.world_size > 1:
-    torch.distributed.destroy_process_group()
+finish_ddp()

@@ -34,8 +34,8 @@ from nanorlhf.ppo import AdaptiveKLController, FixedKLController, compute_gae, e
     explained_variance, kl_penalty_rewards, last_token_index, masked_mean, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
 from nanorlhf.sampler import generate, make_decode_step
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_max, all_reduce_mean, backward, make_optimizer, \
-    optimizer_step, unwrap, wrap_ddp
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_max, all_reduce_mean, backward, finish_ddp, \
+    make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(PPOConfig, "ppo", description=__doc__)
 rt = setup_runtime(cfg)
@@ -292,5 +292,4 @@ if rt.is_main:
     plot_metrics(log.path, [["reward", "gold"], ["kl"], ["kl_coef"]], os.path.join(cfg.out_dir, "ppo.png"),
                  "PPO: proxy reward vs gold score, and KL to the reference")
     print(f"saved {cfg.out_dir}/ckpt.pt, metrics.jsonl, ppo.png")
-if rt.world_size > 1:
-    torch.distributed.destroy_process_group()
+finish_ddp()

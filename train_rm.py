@@ -28,7 +28,7 @@ from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_
 from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normaliser, score
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
-    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
+    finish_ddp, global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(RMConfig, "rm", description=__doc__)
 rt = setup_runtime(cfg)
@@ -269,5 +269,4 @@ if rt.is_main:
     plot_metrics(log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")
     print(f"saved {cfg.out_dir}/ckpt.pt, prefs.jsonl, metrics.jsonl, accuracy.png")
-if rt.world_size > 1:
-    torch.distributed.destroy_process_group()
+finish_ddp()

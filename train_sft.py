@@ -24,8 +24,8 @@ from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
 from nanorlhf.sampler import generate
 from nanorlhf.throughput import peak_flops, training_speed
 from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, global_mean_denominator, \
-    make_optimizer, optimizer_step, unwrap, wrap_ddp
+from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, finish_ddp, \
+    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(SFTConfig, "sft", description=__doc__)
 rt = setup_runtime(cfg)
@@ -235,5 +235,4 @@ if rt.is_main:
               f"keeps step {best_step}")
     print(f"done: validation loss {best_val_loss:.3f} nats/token vs unigram entropy {unigram_entropy:.3f} "
           f"({unigram_entropy - best_val_loss:.2f} below) | saved {cfg.out_dir}/ckpt.pt and loss.png")
-if rt.world_size > 1:
-    torch.distributed.destroy_process_group()
+finish_ddp()

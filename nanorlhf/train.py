@@ -148,7 +148,17 @@ class StopOnSignal:
         else:
             print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
                   f"{resume_command()}", flush=True)
+        finish_ddp()
         sys.exit(128 + self.signum)
+
+
+def finish_ddp():
+    """The end of a run under torchrun, every way out (done, or stopped by Ctrl-C): tear the process
+    group down. A process that exits with it still up can abort in gloo's threads ("terminate called
+    without an active exception", pytorch#190489). No barrier first: rank 0 may still evaluate for
+    minutes after the loop, longer than NCCL waits at a barrier."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def wrap_ddp(model, rt):
