@@ -95,7 +95,7 @@ if resume_ckpt is not None:  # weights, Adam moments, RNGs; the data order follo
         print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
 policy.grad_checkpoint = cfg.grad_checkpoint
 if cfg.compile:
-    policy = torch.compile(policy, mode=cfg.compile_mode)  # the training forward; sampling uses the plain module (unwrap)
+    policy = torch.compile(policy, mode=cfg.compile_mode)  # the training forward; sampling uses the plain module
 policy = wrap_ddp(policy, rt)
 
 

@@ -138,7 +138,7 @@ if resume_ckpt is not None:  # weights, Adam moments, the sampler's generator (t
     if rt.is_main:
         print(f"resumed at step {step}")
 if cfg.compile:
-    model = torch.compile(model, mode=cfg.compile_mode)  # the training forward; scoring after training uses the plain module
+    model = torch.compile(model, mode=cfg.compile_mode)  # the training forward; scoring afterwards uses the plain one
 model = wrap_ddp(model, rt)
 
 

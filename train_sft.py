@@ -136,8 +136,8 @@ def batch_loss(seqs, prompt_lens, rows):
 def validation_loss():
     model.eval()
     rng = np.random.default_rng(0)  # the same validation batches every time
-    losses = [batch_loss(val_seqs, val_prompt_lens, rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size])[0]
-              for _ in range(cfg.eval_iters)]
+    batches = [rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size] for _ in range(cfg.eval_iters)]
+    losses = [batch_loss(val_seqs, val_prompt_lens, rows)[0] for rows in batches]
     model.train()
     return float(all_reduce_mean(torch.stack(losses).mean(), rt))
 

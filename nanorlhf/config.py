@@ -82,7 +82,7 @@ class CommonConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)
-    compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs (times matmul kernels: minutes)
+    compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs (tunes kernels: minutes)
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
     resume: bool = False  # continue from out_dir/ckpt.pt
     dataset: str = "auto"  # auto | sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
@@ -233,7 +233,8 @@ def parse_config(cls, stage, argv=None, description=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)".replace("%", "%%")  # argparse formats help with %
+        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)"
+        comment = comment.replace("%", "%%")  # argparse %-formats its help strings
         kind = _str2bool if f.type in (bool, "bool") else type(f.default)
         parser.add_argument(f"--{f.name}", type=kind, default=None, nargs="?" if kind is _str2bool else None,
                             const=True if kind is _str2bool else None, help=comment or f.name)
