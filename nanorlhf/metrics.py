@@ -91,11 +91,21 @@ def print_samples(rows, width=100, max_chars=400):
         print("-" * width)
 
 
-def spearman(x, y):
-    """Spearman rank correlation (ties ranked by position; fine for continuous scores)."""
+def average_ranks(x):
+    """Ranks 1..n of the values of x, tied values sharing the mean of the ranks they span:
+    [10, 20, 20, 30] -> [1, 2.5, 2.5, 4]. Word counts, gold scores of empty responses and
+    gushing-word counts tie often, so ranking ties by position would invent an order."""
     import numpy as np
-    rx = np.argsort(np.argsort(np.asarray(x, dtype=float)))
-    ry = np.argsort(np.argsort(np.asarray(y, dtype=float)))
+    _, index, counts = np.unique(np.asarray(x, dtype=float), return_inverse=True, return_counts=True)
+    below = np.cumsum(counts) - counts  # how many values are smaller than each distinct value
+    return (below + (counts + 1) / 2)[index.reshape(-1)]
+
+
+def spearman(x, y):
+    """Spearman rank correlation: the Pearson correlation of the average ranks; nan when either
+    side is constant (no order to correlate)."""
+    import numpy as np
+    rx, ry = average_ranks(x), average_ranks(y)
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
