@@ -40,6 +40,13 @@ parser.add_argument("--seed", type=int, default=1337, help="both policies get th
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 args = parser.parse_args()
+for flag, ok, need in (("n", args.n >= 1, ">= 1"),
+                       ("temperature", args.temperature is None or args.temperature > 0,
+                        "> 0 (for greedy decoding use --top_k 1)"),
+                       ("top_k", args.top_k is None or args.top_k >= 1, ">= 1"),
+                       ("top_p", args.top_p is None or 0 <= args.top_p <= 1, "between 0 (greedy) and 1")):
+    if not ok:
+        parser.error(f"--{flag} must be {need}")
 rt = setup_runtime(args)  # reads device, dtype, seed
 
 # ---------------------------------------------------------------- prompts
@@ -93,10 +100,13 @@ else:
 trained = ckpt["config"]
 temperature = args.temperature if args.temperature is not None else trained["temperature"]
 max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else trained["max_new_tokens"]
-max_prompt_tokens = min(trained["max_prompt_tokens"], policy.config.block_size - max_new_tokens)
+# every model here reads prompt + response: the shortest block_size of them decides what fits
+block_size, shortest = min((m.config.block_size, name) for name, m in
+                           ((args.ckpt, policy), (args.compare, compare), (args.rm_dir, rm and rm.gpt)) if m is not None)
+max_prompt_tokens = min(trained["max_prompt_tokens"], block_size - max_new_tokens)
 if max_prompt_tokens < 1:
-    raise SystemExit(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                     f"block_size {policy.config.block_size}: ask for fewer tokens")
+    raise SystemExit(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the block_size "
+                     f"{block_size} of the model in {shortest}: ask for fewer tokens")
 
 
 def continuations(model):

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set logits outside the top-k / nucleus (top-p) set to -inf. (B, V) -> (B, V)"""
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. (B, V) -> (B, V)
+    The most likely token always stays: top_p 0 (or top_k 1) is greedy decoding."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no cut), got {top_k}")
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -26,6 +29,7 @@ def filter_logits(logits, top_k=None, top_p=None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens ranked above it already cover top_p (the first always stays)
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -76,6 +76,15 @@ def test_top_k_top_p_never_sample_outside_their_set(top_k, top_p):
     assert torch.allclose(logprobs, expected, atol=1e-6)
 
 
+def test_the_most_likely_token_always_stays():
+    logits = torch.tensor([[0.5, 3.0, 1.0, 3.0 - 1e-3]])
+    greedy = [i for i, v in enumerate(filter_logits(logits, top_p=0.0)[0].tolist()) if v > float("-inf")]
+    assert greedy == [1]  # top_p 0 is greedy decoding (it once cut every token)
+    assert filter_logits(logits, top_k=1)[0].argmax() == 1
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        filter_logits(logits, top_k=0)
+
+
 def test_sampling_frequencies_match_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
     tokens, _ = sample_token(logits.expand(20000, 5), temperature=1.5, generator=gen(3))

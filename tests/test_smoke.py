@@ -124,6 +124,24 @@ def test_help_lists_the_flags(script):
     assert result.returncode == 0 and "--" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flag, value, need", [("--temperature", "0", "> 0"), ("--top_k", "0", ">= 1"),
+                                              ("--top_p", "1.5", "between 0"), ("--n", "0", ">= 1")])
+def test_sample_refuses_settings_that_cannot_sample(flag, value, need):
+    result = run("sample.py", flag, value, "Once upon a time")
+    assert result.returncode == 2 and f"{flag} must be {need}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_fits_prompts_to_the_shortest_model(sft_dir, tmp_path):
+    """--compare with a model of a shorter block: prompts are cut to fit both (it crashed in the model)."""
+    short = str(tmp_path / "sft40")
+    check_ok(run("train_sft.py", "--preset", "tiny", "--block_size", "40", "--max_prompt_tokens", "16",
+                 "--max_new_tokens", "16", "--max_iters", "1", "--out_dir", short))
+    prompt = "Once upon a time, there was a girl named Lily who loved to play in the big green park every day."
+    result = run("sample.py", "--ckpt", sft_dir, "--compare", short, "--rm_dir", str(tmp_path / "none"), prompt)
+    check_ok(result)
+    assert "PROMPT:" in result.stdout and "Traceback" not in result.stderr
+
+
 def test_unknown_flag_is_rejected():
     result = run("train_sft.py", "--no_such_flag", "3")
     assert result.returncode == 2
