@@ -184,23 +184,37 @@ def story_batch(seqs, prompt_lens, rows, block_size, pad_id, loss_on_response):
 # ---------------------------------------------------------------------------
 
 def download(url, path, sha256=None, chunk=1 << 20):
-    """Download url to path with a progress line, resuming a partial path.part (HTTP Range),
+    """Download url to path with a progress line, resuming a partial path.part (HTTP Range; with
+    If-Range, so that a file changed on the server since is fetched whole rather than spliced),
     then check the sha256 (given, or recorded in path.sha256 on the first download)."""
     if os.path.exists(path) and _verify(path, sha256):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part = path + ".part"
+    part, etag_path = path + ".part", path + ".part.etag"
     done = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    headers = {"Range": f"bytes={done}-"} if done else {}
+    if done and os.path.exists(etag_path):  # the version the partial file holds (if the server named one)
+        with open(etag_path) as f:
+            etag = f.read().strip()
+        if etag:
+            headers["If-Range"] = etag
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except OSError as e:
-        if not (done and getattr(e, "code", None) == 416):  # 416: nothing past the partial file; it is whole
+        if not (done and getattr(e, "code", None) == 416):
             raise RuntimeError(f"could not download {url} ({e}). It needs internet; or put the file at {path}, "
                                f"or pass --dataset PATH to a local text file") from e
+        # 416: nothing past the partial file. Whole if its size is the server's ("bytes */SIZE"); else start again
+        size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        if size.isdigit() and int(size) != done:
+            os.remove(part)
+            return download(url, path, sha256, chunk)
         response = None
     if response is not None:
         with response:
+            if not done or response.status != 206:  # a new download: remember which version it is
+                etag = response.headers.get("ETag")
+                atomic_write(etag_path, lambda f: f.write((etag or "").encode()))
             _receive(response, part, done, chunk, url)
     digest = _sha256(part)
     if sha256 and digest != sha256:
@@ -209,25 +223,28 @@ def download(url, path, sha256=None, chunk=1 << 20):
                            f"run again")
     os.replace(part, path)
     atomic_write(path + ".sha256", lambda f: f.write(digest.encode()))
+    if os.path.exists(etag_path):
+        os.remove(etag_path)
     return path
 
 
 def _receive(response, part, done, chunk, url):
     """Append the body of response to part (which holds done bytes), with a progress line."""
-    if done and response.status != 206:  # the server ignored the range: start again
+    if done and response.status != 206:  # the server ignored the range, or the file changed: start again
         done = 0
-    total = done + int(response.headers.get("Content-Length", 0))
+    length = response.headers.get("Content-Length")  # absent on some servers: then the size is unknown
+    total = done + int(length) if length is not None else None
     name = os.path.basename(part).removesuffix(".part")
+    of = f" / {total / 2**20:.1f}" if total else ""
     with open(part, "ab" if done else "wb") as f:
         while block := response.read(chunk):
             f.write(block)
             done += len(block)
-            print(f"\rdownloading {name}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB",
-                  end="", file=sys.stderr, flush=True)
+            print(f"\rdownloading {name}: {done / 2**20:.1f}{of} MiB", end="", file=sys.stderr, flush=True)
         f.flush()
         os.fsync(f.fileno())
     print(file=sys.stderr)
-    if total and done != total:
+    if total is not None and done != total:
         raise RuntimeError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
 
 

@@ -162,15 +162,20 @@ class RangeServer:
     """A loopback HTTP server for one file; honours Range requests (206) unless told not to,
     and records the Range header of every request."""
 
-    def __init__(self, payload, honour_range=True):
+    def __init__(self, payload, honour_range=True, etag=None, content_length=True):
         self.payload, self.honour_range, self.ranges = payload, honour_range, []
+        self.etag, self.content_length, self.if_ranges = etag, content_length, []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.ranges.append(self.headers.get("Range"))
+                server.if_ranges.append(self.headers.get("If-Range"))
                 body, status = server.payload, 200
                 rng = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                if if_range is not None and if_range != server.etag:
+                    rng = None  # another version than the client holds: the whole file (RFC 9110 13.1.5)
                 if rng and server.honour_range:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
@@ -183,7 +188,12 @@ class RangeServer:
                 self.send_response(status)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                self.send_header("Content-Length", str(len(body)))
+                if server.etag:
+                    self.send_header("ETag", server.etag)
+                if server.content_length:
+                    self.send_header("Content-Length", str(len(body)))
+                else:
+                    self.send_header("Connection", "close")  # the body ends when the connection does
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -228,6 +238,52 @@ def test_download_resumes_a_partial_file(tmp_path, honour_range):
     assert server.ranges == [f"bytes={done}-"]
     assert open(path, "rb").read() == CORPUS  # byte-identical, whether the server resumed or restarted
     assert open(path + ".sha256").read().strip() == hashlib.sha256(CORPUS).hexdigest()
+
+
+def test_download_resumes_only_the_same_version_of_the_file(tmp_path):
+    """The partial file came from an older version (etag "v1"): splicing the new one's tail onto it
+    would be corrupt. If-Range makes the server send the new version whole."""
+    path, new = str(tmp_path / "corpus.txt"), CORPUS.replace(b"carrots", b"lettuce")
+    with RangeServer(CORPUS, etag='"v1"') as server:  # a first download, cut short
+        download(server.url, path, chunk=1000)
+    os.replace(path, path + ".part")
+    with open(path + ".part", "r+b") as f:
+        f.truncate(len(CORPUS) // 3)
+    with open(path + ".part.etag", "w") as f:
+        f.write('"v1"')
+    with RangeServer(new, etag='"v2"') as server:
+        download(server.url, path, chunk=1000)
+    assert server.if_ranges == ['"v1"']
+    assert open(path, "rb").read() == new and not os.path.exists(path + ".part.etag")
+    # the same version resumes from where it stopped
+    os.remove(path)
+    with open(path + ".part", "wb") as f:
+        f.write(new[:1000])
+    with open(path + ".part.etag", "w") as f:
+        f.write('"v2"')
+    with RangeServer(new, etag='"v2"') as server:
+        download(server.url, path)
+    assert server.ranges == ["bytes=1000-"] and open(path, "rb").read() == new
+
+
+def test_download_without_content_length_resumes(tmp_path):
+    # a resumed response with no Content-Length once counted the file as cut short
+    path = str(tmp_path / "corpus.txt")
+    with open(path + ".part", "wb") as f:
+        f.write(CORPUS[:5000])
+    with RangeServer(CORPUS, content_length=False) as server:
+        download(server.url, path, chunk=1000)
+    assert open(path, "rb").read() == CORPUS
+
+
+def test_download_restarts_a_part_file_longer_than_the_remote_one(tmp_path):
+    path = str(tmp_path / "corpus.txt")
+    with open(path + ".part", "wb") as f:
+        f.write(CORPUS + b"junk from somewhere else")
+    with RangeServer(CORPUS) as server:
+        download(server.url, path)
+    assert server.ranges == [f"bytes={len(CORPUS) + 24}-", None]
+    assert open(path, "rb").read() == CORPUS
 
 
 def test_download_of_a_complete_part_file_finishes_it(tmp_path):
