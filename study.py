@@ -24,6 +24,7 @@ reused, so a study can be rerun or extended; delete the folder to start over. Wr
   rounds.png/.json             per round, with and without new preferences: gold, KL, RM-vs-gold agreement
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,7 +74,8 @@ def final_eval(ppo_dir):
 
 
 def finished(out_dir, flags):
-    """out_dir holds a run made with these flags that got to its end (a checkpoint stores its config)."""
+    """out_dir holds a run made with these flags that got to its end (a checkpoint stores its config),
+    after the runs it was made from: an upstream run retrained since makes it stale."""
     if not os.path.exists(ckpt_path(out_dir)):
         return False
     ckpt = load_checkpoint(out_dir)
@@ -81,6 +83,11 @@ def finished(out_dir, flags):
         return False  # stopped before its final evaluation
     if ckpt["stage"] == "rm" and "gain" not in ckpt:
         return False  # stopped before its normalisation
+    made = os.path.getmtime(ckpt_path(out_dir))
+    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
+    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
+    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
+        return False
     return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
 
 
@@ -108,8 +115,10 @@ def run_stage(script, out_dir, **flags):
     return out_dir
 
 
+@functools.cache
 def sft():
-    if not os.path.exists(ckpt_path(sft_dir)):  # a given --sft_dir is used as it is
+    """The study's own SFT run (made again if its settings changed); a given --sft_dir is used as it is."""
+    if not cfg.sft_dir:
         run_stage("train_sft.py", sft_dir)
     return sft_dir
 

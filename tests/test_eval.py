@@ -143,7 +143,8 @@ def test_study_overoptimization_curve(runs):
     del ckpt["gain"]
     torch.save(ckpt, rm_ckpt)
     again = run(*args).stdout
-    assert "running train_rm.py" in again and again.count("reusing") == 1
+    # and the PPO run made from the old RM is stale now: it is made again from the new one
+    assert "running train_rm.py" in again and "running train_ppo.py" in again and "reusing" not in again
 
 
 def test_iterated_rlhf_hooks(runs, tmp_path):
