@@ -19,7 +19,8 @@ rounds (InstructGPT, Ouyang et al. 2022; Bai et al. 2022): after a PPO segment t
 The training scripts run as subprocesses with the study's settings (--preset etc.), each into its own
 folder under out_dir (its console output in stdout.log there). A finished run with the same flags is
 reused, so a study can be rerun or extended; delete the folder to start over. Writes to out_dir:
-  overoptimization.png/.json   per PPO iteration: sqrt(KL), proxy reward, gold; one panel per bias
+  overoptimization.png/.json   per PPO iteration: sqrt(KL), proxy reward (as PPO sees it: the no-EOS penalty
+                               for unended responses), gold; one panel per bias
   beta_sweep.png/.json         per beta: held-out gold (± s.e.), KL, proxy reward, win rate vs SFT
   rounds.png/.json             per round, with and without new preferences: gold, KL, RM-vs-gold agreement
 """
@@ -173,7 +174,7 @@ def overoptimization():
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (bias, c) in zip(axes[0], curves.items()):
         gold_ax = ax.twinx()
-        for axis, key, color, label in ((ax, "proxy_reward", "tab:blue", "proxy RM reward"),
+        for axis, key, color, label in ((ax, "proxy_reward", "tab:blue", "reward PPO optimises (RM; -1 unended)"),
                                         (gold_ax, "gold", "tab:orange", "gold score")):
             axis.scatter(c["sqrt_kl"], c[key], s=8, alpha=0.3, color=color)
             axis.plot(running_mean(c["sqrt_kl"]), running_mean(c[key]), color=color)

@@ -165,10 +165,11 @@ def label_pairs(prompts, responses_per_prompt, ended_per_prompt, raters, rng, k=
 
     For each prompt one rater, drawn with rng.integers(len(raters)), compares all
     C(k, 2) pairs (i < j, in order), each with one independent rng.random() draw against
-    prefer_prob. For k > 2 this stands in for the rater's ranking. As in InstructGPT
-    (Ouyang et al. 2022, sec 3.5) the comparisons of one prompt form one batch element,
-    so each pair weighs 1 / C(k, 2). A pair of identical texts states no preference
-    and is skipped (without a draw).
+    prefer_prob. For k > 2 this stands in for the rater's ranking, but the draws are
+    independent, so a noisy rater's comparisons can be cyclic (a > b > c > a), which the
+    Bradley-Terry loss takes as it comes. As in InstructGPT (Ouyang et al. 2022, sec 3.5)
+    the comparisons of one prompt form one batch element, so each pair weighs 1 / C(k, 2).
+    A pair of identical texts states no preference and is skipped (without a draw).
     """
     if not len(prompts) == len(responses_per_prompt) == len(ended_per_prompt):
         raise ValueError("label_pairs needs one list of responses and one list of ended flags per prompt")
@@ -198,7 +199,7 @@ def inter_rater_agreement(raters, pairs, rng, n=None):
 
     pairs: list of (a, b, ended_a, ended_b). Every rater labels the same pairs (the
     first n of a random order when n is given), so this is the chance that two
-    independently drawn raters agree on a pair.
+    different raters of the pool agree on a pair.
     """
     if len(raters) < 2:
         raise ValueError("inter_rater_agreement needs at least 2 raters")
