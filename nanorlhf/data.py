@@ -5,6 +5,7 @@ response is the rest of the story, ending with <|endoftext|>. Prompts are left
 padded, responses right padded, so every response starts in the same column.
 """
 import hashlib
+import inspect
 import os
 import re
 import sys
@@ -81,6 +82,10 @@ def split_prompt(story, min_words=6):
     return story[:gaps[n - 1]], story[gaps[n - 1]:]
 
 
+# the prompt/response split as code: part of the token cache's key, so that an edited split re-tokenises
+SPLIT_CODE = inspect.getsource(split_prompt) + SENTENCE_END.pattern
+
+
 def is_validation(story, val_percent=10):
     """Deterministic held-out split by story content (stable when the corpus grows)."""
     return int(hashlib.sha1(story.encode()).hexdigest(), 16) % 100 < val_percent
@@ -104,8 +109,11 @@ def train_val_stories(text):
 def encode_stories(enc, stories, cache_dir=os.path.join(DATA_DIR, "cache")):
     """Each story as prompt + response + <|endoftext|> tokens, and each prompt's length.
     Returns (list of int arrays, prompt_lengths array). Cached as a flat memmap."""
-    state = tokenizer_state(enc)
-    key = hashlib.sha256(("\x00".join(stories) + repr(sorted(state.items()))).encode()).hexdigest()[:16]
+    h = hashlib.sha256()  # the corpus, the tokenizer and the split decide the cached tokens
+    for story in stories:  # story by story: the full corpus is 2 GB, no need to copy it whole
+        h.update(story.encode() + b"\x00")
+    h.update((repr(sorted(tokenizer_state(enc).items())) + SPLIT_CODE).encode())
+    key = h.hexdigest()[:16]
     tok_path, off_path = (os.path.join(cache_dir, f"{key}.{x}.npy") for x in ("tokens", "offsets"))
     if not (os.path.exists(tok_path) and os.path.exists(off_path)):
         if len(stories) > 100_000:

@@ -133,6 +133,11 @@ def test_encode_stories_caches_and_rebuilds(tmp_path, monkeypatch):
     seqs2, _ = encode_stories(merged, stories, cache_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 6
     assert list(seqs2[0][:2]) == [256, ord(" ")] and seqs2[0][-1] == merged.eot_token
+    # so is another way of splitting prompts (a student editing split_prompt): the old lengths would be wrong
+    monkeypatch.setattr(data, "SPLIT_CODE", data.SPLIT_CODE + "# edited")
+    monkeypatch.setattr(data, "split_prompt", lambda story: (story[:3], story[3:]))
+    _, lens3 = encode_stories(enc, stories, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 8 and list(lens3) == [3, 3]
 
 
 # ---------------------------------------------------------------- corpus errors
