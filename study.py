@@ -195,7 +195,7 @@ def beta_sweep():
             e = final_eval(ppo_dir)
             points.append({"bias": bias, "beta": beta, "ppo_dir": ppo_dir, "gold": e["eval_gold_ppo"],
                            "gold_se": e["eval_gold_ppo_se"], "kl": e["eval_kl"], "reward": e["eval_reward_ppo"],
-                           "win_rate": e["eval_win_rate"], "sft_gold": e["eval_gold_sft"]})
+                           "win_rate": e["eval_win_rate"], "sft_gold": e["eval_gold_sft"], "final_eval": e})
             print(f"bias {bias} | beta {beta:g} | held-out gold {e['eval_gold_ppo']:.3f} "
                   f"± {e['eval_gold_ppo_se']:.3f} "
                   f"(SFT {e['eval_gold_sft']:.3f}) | KL {e['eval_kl']:.2f} | reward {e['eval_reward_ppo']:.3f} | "

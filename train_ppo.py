@@ -279,10 +279,14 @@ if rt.is_main:
     print_samples([{"prompt": p, "response": f"[PPO] {a}\n[SFT] {b}", "gold_ppo": ga, "gold_sft": gb}
                    for p, a, b, ga, gb in list(zip(eval_prompts, ppo_samples["texts"], sft_samples["texts"],
                                                    ppo_samples["gold"], sft_samples["gold"]))[:3]])
+    rest_of_table = {f"eval_{k}_{name}": row[k][0] if isinstance(row[k], tuple) else row[k]  # means, not their s.e.
+                     for name, row in (("sft", sft_row), ("ppo", ppo_row))
+                     for k in ("rm_gold_acc", "distinct2", "length", "ended")}
     log.log(cfg.iterations, eval_gold_sft=sft_row["gold"][0], eval_gold_sft_se=sft_row["gold"][1],
             eval_gold_ppo=ppo_row["gold"][0], eval_gold_ppo_se=ppo_row["gold"][1],
             eval_win_rate=ppo_row["win_rate"][0], eval_kl=ppo_row["kl"][0],
             eval_reward_sft=sft_row["reward"][0], eval_reward_ppo=ppo_row["reward"][0],
+            **rest_of_table,
             # DESIGN detail 9, checked on the real run: the reference is bit-identical to the SFT
             # checkpoint it was loaded from, and no model has an active dropout
             reference_unchanged=all(torch.equal(p, q) for p, q in zip(

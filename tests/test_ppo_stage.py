@@ -72,6 +72,10 @@ def test_reference_is_never_stepped_and_dropout_is_off(pipeline):
     final = records(os.path.join(dirs["ppo"], "metrics.jsonl"))[-1]
     assert final["reference_unchanged"] is True
     assert final["dropout_off"] is True
+    # the whole held-out table is in the log, not only on the console (study.py's JSON copies it)
+    for name in ("sft", "ppo"):
+        assert 0 <= final[f"eval_distinct2_{name}"] <= 1 and 0 <= final[f"eval_ended_{name}"] <= 1
+        assert 0 <= final[f"eval_rm_gold_acc_{name}"] <= 1 and final[f"eval_length_{name}"] >= 0
 
 
 def test_resume_continues(pipeline, tmp_path):
