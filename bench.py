@@ -251,7 +251,7 @@ def bench_training(args, device, dtype):
     from nanorlhf.throughput import bench_ppo, bench_sft
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     if args.what == "ppo":
-        r = bench_ppo(preset, device, dtype, compile=args.compile)
+        r = bench_ppo(preset, device, dtype, compile=args.compile, compile_mode=args.compile_mode)
         print(f"one PPO iteration, {preset} preset, {args.dtype}, {r['rollout_batch']} rollouts x up to "
               f"{r['max_new_tokens']} tokens on {device}:")
         for part in ("rollout_s", "score_s", "ref_value_s", "learn_s"):

@@ -25,7 +25,7 @@ from nanorlhf.judge import gold_score
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import response_logprobs
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs
-from nanorlhf.reward import encode_pairs
+from nanorlhf.reward import encode_pairs, response_ids
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, finish_ddp, \
     global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
@@ -60,6 +60,19 @@ try:
 except PreferenceFileError as e:
     raise SystemExit(str(e))
 digest = prefs_digest(rows)  # a resumed run checks that it trains on the same pairs
+# responses longer than the model can hold after the prompt are cut; a pair whose two responses are the same
+# after the cut states no preference the policy could learn (its loss stays log 2), so it is dropped
+full = [(response_ids(enc, r, "chosen", None), response_ids(enc, r, "rejected", None)) for r in rows]
+n_cut = sum(len(c) > max_response or len(j) > max_response for c, j in full)
+kept = [r for r, (c, j) in zip(rows, full) if c[:max_response] != j[:max_response]]
+if n_cut and rt.is_main:
+    print(f"{n_cut} of {len(rows)} pairs have a response longer than {max_response} tokens (block_size "
+          f"{policy.config.block_size} - max_prompt_tokens {cfg.max_prompt_tokens}): cut to fit")
+if len(kept) < len(rows) and rt.is_main:
+    print(f"{len(rows) - len(kept)} pairs have the same two responses (after the cut): dropped")
+rows = kept
+if not rows:
+    raise SystemExit(f"{prefs_path}: no pair with two different responses to learn from")
 # hold out whole prompts: the pairs of one prompt share a "group" (rows without one are their own group)
 rng = np.random.default_rng(cfg.seed)
 groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
@@ -103,6 +116,12 @@ def mean(x):
     return float(all_reduce_mean(x.float().mean(), rt))
 
 
+def hits(chosen_rewards, rejected_rewards):
+    """1 where the implicit reward ranks the pair as the raters did, 1/2 for a tie (at step 1 every pair
+    ties: the policy is the reference), 0 otherwise."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
 def batch_of(batch_rows):
     return encode_pairs(enc, batch_rows, cfg.max_prompt_tokens, max_response, rt.device)
 
@@ -130,16 +149,17 @@ def pair_losses(batch):
 
 @torch.no_grad()
 def evaluate(eval_rows):
-    """Mean loss, reward accuracy (chosen reward > rejected reward) and reward margin over eval_rows."""
+    """Loss, reward accuracy (hits) and reward margin over eval_rows, weighted as in training."""
     policy.eval()
-    losses, hits, margins = [], [], []
+    losses, accuracy, margins = [], [], []
     for i in range(0, len(eval_rows), cfg.batch_size):
         batch_losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(eval_rows[i:i + cfg.batch_size]))
         losses += batch_losses.tolist()
-        hits += (chosen_rewards > rejected_rewards).float().tolist()
+        accuracy += hits(chosen_rewards, rejected_rewards).tolist()
         margins += (chosen_rewards - rejected_rewards).tolist()
     policy.train()
-    return float(np.mean(losses)), float(np.mean(hits)), float(np.mean(margins))
+    weights = [r["weight"] for r in eval_rows]
+    return tuple(float(np.average(x, weights=weights)) for x in (losses, accuracy, margins))
 
 
 def print_continuation(prompt):
@@ -190,7 +210,7 @@ while step < cfg.max_iters:
     backward(loss, rt)
     finite, grad_norm = optimizer_step(policy, optimizer, rt, cfg.grad_clip)
     step += 1
-    metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)), "acc": mean(chosen_rewards > rejected_rewards),
+    metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)), "acc": mean(hits(chosen_rewards, rejected_rewards)),
                "margin": mean(chosen_rewards - rejected_rewards), "chosen_reward": mean(chosen_rewards),
                "rejected_reward": mean(rejected_rewards), "lr": lr, "grad_norm": grad_norm}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps

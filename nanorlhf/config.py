@@ -300,6 +300,8 @@ def check_config(cfg):
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
     # the reward model's simulated raters, checked before minutes of sampling responses for them
+    if isinstance(cfg, RMConfig) and cfg.norm_samples < 2:
+        raise ValueError(f"norm_samples must be >= 2 (the reward is scaled by their spread), got {cfg.norm_samples}")
     if isinstance(cfg, RMConfig) and not cfg.prefs:
         if cfg.k_responses < 2:
             raise ValueError(f"k_responses must be >= 2 (a comparison needs two responses), got {cfg.k_responses}")

@@ -137,11 +137,12 @@ def encode_stories(enc, stories, cache_dir=os.path.join(DATA_DIR, "cache")):
 
 def left_pad(seqs, pad_id, device="cpu", width=None):
     """List of token lists -> (B, P) tokens padded on the left with pad_id, and the mask.
-    P is the longest list, or width (a fixed shape, as a CUDA graph or compiled step wants)."""
+    P is the longest list, or width (a fixed shape, as a CUDA graph or compiled step wants), and at
+    least 1: with only empty prompts, the pad column is what the first response token is predicted from."""
     longest = max(len(s) for s in seqs)
     if width is not None and width < longest:
         raise ValueError(f"a sequence of {longest} tokens does not fit a width of {width}")
-    width = longest if width is None else width
+    width = max(longest, 1) if width is None else width
     tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

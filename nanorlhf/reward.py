@@ -109,5 +109,7 @@ def group_scores(model, batch):
 def normaliser(raw_scores):
     """gain, bias so that gain * raw + bias has mean 0 and std 1 on these scores
     (Ziegler et al. 2019 normalise the reward on samples of the initial policy)."""
+    if raw_scores.numel() < 2:
+        raise ValueError(f"normaliser needs at least 2 scores to measure a spread, got {raw_scores.numel()}")
     std = raw_scores.float().std().clamp(min=1e-6)
     return float(1.0 / std), float(-raw_scores.float().mean() / std)

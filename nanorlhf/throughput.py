@@ -15,9 +15,9 @@ import torch.nn.attention
 
 from nanorlhf.config import PRESETS, Runtime, SFTConfig, make_config, set_cuda_kernels
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
-from nanorlhf.ppo import compute_gae, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
+from nanorlhf.ppo import compute_gae, entropy_from_logits, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
-from nanorlhf.sampler import generate
+from nanorlhf.sampler import generate, make_decode_step
 from nanorlhf.train import backward, make_optimizer, optimizer_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,12 +168,18 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
             "peak_mem_gb": _peak_memory_gb(rt.device)}
 
 
-def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=1, seed=0):
+def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=None, seed=0,
+              compile_mode="default"):
     """Time one PPO iteration of a preset's size, phase by phase, as train_ppo.py runs it:
     rollout (generate), score (reward model), ref_value (old and reference logprobs, old values,
     rewards, GAE), learn (ppo_epochs x n_minibatches clipped-loss steps of policy and value model).
     Random-init models; <|endoftext|> is the last id, which random weights rarely draw, so every
-    response runs to max_new_tokens: the longest iteration. One iteration is run first, untimed."""
+    response runs to max_new_tokens: the longest iteration. Untimed iterations run first (warmup).
+    compile: as train_ppo.py --compile, the training forwards (compile_mode) and the rollout's decode step
+    (a CUDA graph on GPU, torch.compile on CPU). warmup: untimed iterations first, default 1, or 2 when
+    compiling (the second iteration's other response length makes torch.compile recompile once, with dynamic
+    shapes)."""
+    warmup = warmup if warmup is not None else 2 if compile else 1
     rt = _runtime(device, dtype)
     a, p = PRESETS[preset]["all"], PRESETS[preset]["ppo"]
     B, P, N = p["rollout_batch"], a["max_prompt_tokens"], a["max_new_tokens"]
@@ -186,7 +192,8 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
     value_model = ScalarGPT(config).to(rt.device)
     policy_opt = make_optimizer(policy, 1e-5, 0.0, rt.device)
     value_opt = make_optimizer(value_model, 1e-5, 0.0, rt.device)
-    policy_train, value_train = (torch.compile(m) if compile else m for m in (policy, value_model))
+    policy_train, value_train = (torch.compile(m, mode=compile_mode) if compile else m for m in (policy, value_model))
+    decode_step = make_decode_step(policy, "cuda_graph" if rt.device.type == "cuda" else "compile") if compile else None
     eos = config.vocab_size - 1
     generator = torch.Generator(rt.device).manual_seed(seed)
     prompt = torch.randint(0, eos, (B, P), device=rt.device, generator=generator)
@@ -202,7 +209,8 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
         times = {}
         t = time.perf_counter()
         with rt.autocast():
-            rollout = generate(policy.eval(), prompt, prompt_mask, N, eos_id=eos, generator=generator)
+            rollout = generate(policy.eval(), prompt, prompt_mask, N, eos_id=eos, generator=generator,
+                               decode_step=decode_step)
         policy.train()
         response, mask = rollout["tokens"], rollout["mask"]
         _sync(rt.device)
@@ -232,9 +240,13 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
                 new_logprobs = logprobs_from_logits(logits, response[mb])  # fp32 from here on
                 pg_loss, _ = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mask[mb], 0.2)
                 vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], 0.2)
-                backward(pg_loss + 0.1 * vf_loss, rt)
+                loss = pg_loss + 0.1 * vf_loss
+                backward(loss, rt)
                 optimizer_step(policy, policy_opt, rt, 1.0, update_scaler=False)
                 optimizer_step(value_model, value_opt, rt, 1.0)
+                float(loss.detach())  # train_ppo's NonFiniteGuard reads the loss every step: a host sync
+                with torch.no_grad():
+                    entropy_from_logits(logits.float(), mask[mb])  # its per-minibatch statistics
         _sync(rt.device)
         times["learn_s"] = time.perf_counter() - t
         return times, int(mask.sum())

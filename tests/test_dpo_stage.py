@@ -125,10 +125,25 @@ def test_dpo_run_writes_checkpoint_metrics_plot(runs):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # the first step's loss is measured before any update: policy == reference exactly
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert records[0]["margin"] == 0 and records[0]["acc"] == 0
+    assert records[0]["margin"] == 0 and records[0]["acc"] == 0.5  # every pair ties: half a hit each
     assert {"val_acc", "val_margin", "train_acc", "train_margin"} <= set(records[-1])
     assert os.path.getsize(os.path.join(runs["dpo"], "dpo.png")) > 0
     assert "PROMPT:" in runs["dpo_stdout"] and "implicit_reward" in runs["dpo_stdout"]
+
+
+def test_dpo_on_bare_responses_and_pairs_that_differ_only_past_the_cut(runs, tmp_path):
+    """Rows with an empty prompt (bare responses, or HH texts with no common prefix) once crashed on a
+    0-wide prompt; a pair whose responses differ only past what the model holds teaches nothing: dropped."""
+    long = "Tom went to the park and played with his red ball all day long with his friends. " * 8
+    rows = [{"prompt": "", "chosen": f"Lily was happy {i}.", "rejected": f"Lily was sad {i}."} for i in range(12)]
+    rows += [{"prompt": "Once upon a time", "chosen": long + "Then he smiled.", "rejected": long + "Then he cried."}]
+    prefs = tmp_path / "bare.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run("train_dpo.py", "--preset", "tiny", "--device", "cpu", "--sft_dir", runs["sft"], "--prefs", str(prefs),
+               "--out_dir", str(tmp_path / "dpo"), "--max_iters", "2")
+    assert "1 of 13 pairs have a response longer than" in proc.stdout
+    assert "1 pairs have the same two responses (after the cut): dropped" in proc.stdout
+    assert load_checkpoint(str(tmp_path / "dpo"), "dpo")["step"] == 2
 
 
 def test_dpo_resume_continues(runs):

@@ -552,6 +552,8 @@ def test_config_errors_in_process():
         make_config(RMConfig, "rm", preset="tiny", k_responses=1)
     with pytest.raises(ValueError, match="n_prompts must be >= 1"):
         make_config(RMConfig, "rm", preset="tiny", n_prompts=0)
+    with pytest.raises(ValueError, match="norm_samples must be >= 2"):  # one score has no spread: a nan reward
+        make_config(RMConfig, "rm", preset="tiny", norm_samples=1)
     make_config(RMConfig, "rm", preset="tiny", prefs="given.jsonl", k_responses=1)  # no raters with --prefs
     with pytest.raises(ValueError, match="unknown compile_mode 'max-autotune': default | max-autotune-no-cudagraphs"):
         make_config(SFTConfig, "sft", preset="tiny", compile_mode="max-autotune")

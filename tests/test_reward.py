@@ -19,6 +19,8 @@ def test_normaliser_gives_mean_zero_std_one():
     gain, bias = normaliser(torch.full((4,), 2.5))  # constant scores: finite, not a division by zero
     assert math.isfinite(gain) and math.isfinite(bias)
     assert gain * 2.5 + bias == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 scores"):  # one score's std is nan: a nan reward for PPO
+        normaliser(torch.tensor([1.0]))
 
 
 def test_group_scores_equal_pair_by_pair_scores_and_score_each_response_once():
