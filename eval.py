@@ -24,7 +24,7 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
 from nanorlhf.config import EvalConfig, parse_config, print_config, setup_runtime
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.evaluate import evaluate_best_of_n, evaluate_policy, format_row
+from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row
 
 WIDTH = 100  # console width of the side-by-side samples
 
@@ -110,7 +110,7 @@ def markdown_table(ranked):
         row = r["row"]
         lines.append(f"| {i} | {r['method']} | {cell(row, 'gold')} | {cell(row, 'reward')} | {cell(row, 'kl')} | "
                      f"{cell(row, 'win_rate')} | {cell(row, 'length', 1)} | {row['ended']:.0%} | "
-                     f"{row['distinct2']:.3f} | {row.get('rm_gold_acc', float('nan')):.3f} |")
+                     f"{row['distinct2']:.3f} | {agreement(row)} |")
     return lines
 
 

@@ -233,6 +233,8 @@ if rt.is_main:
     if best_step < step:
         print(f"validation loss rose after step {best_step} (to {val_loss:.3f} at step {step}): the checkpoint "
               f"keeps step {best_step}")
+    gap = unigram_entropy - best_val_loss  # below the entropy: the model uses the context
     print(f"done: validation loss {best_val_loss:.3f} nats/token vs unigram entropy {unigram_entropy:.3f} "
-          f"({unigram_entropy - best_val_loss:.2f} below) | saved {cfg.out_dir}/ckpt.pt and loss.png")
+          f"({abs(gap):.2f} {'below' if gap >= 0 else 'above: not yet better than ignoring the context'}) | "
+          f"saved {cfg.out_dir}/ckpt.pt and loss.png")
 finish_ddp()

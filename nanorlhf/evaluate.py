@@ -129,5 +129,11 @@ def format_row(name, row):
             cells.append(f"{key} {m:.3f} ± {se:.3f}")
     cells.append(f"ended {row['ended']:.0%} | distinct-2 {row['distinct2']:.3f}")
     if "rm_gold_acc" in row:
-        cells.append(f"rm-gold agreement {row['rm_gold_acc']:.3f}")
+        cells.append(f"rm-gold agreement {agreement(row)}")
     return " | ".join(cells)
+
+
+def agreement(row):
+    """The RM-gold agreement cell: n/a when the gold judge tied every pair (no order to agree with)."""
+    value = row.get("rm_gold_acc", float("nan"))
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
