@@ -266,7 +266,7 @@ def bench_training(args, device, dtype):
                       compile_mode=args.compile_mode)
         compiled = f" compiled ({args.compile_mode})" if r["compile"] else ""
         mfu = f"MFU {r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "no peak known: no MFU"
-        print(f"SFT {preset} preset ({r['params_M']:.1f}M params, batch {r['batch_size']} x {r['seq_len']}), "
+        print(f"SFT {preset} preset ({r['params_M']:.2f}M params, batch {r['batch_size']} x {r['seq_len']}), "
               f"{r['dtype']}{compiled}{' with the loss' if r['loss_in_compile'] else ''}"
               f"{f', {args.attention} attention' if args.attention else ''}, dropout {r['dropout']:g} on {device}: "
               f"{r['tokens_per_s']:,.0f} tokens/s | "

@@ -222,6 +222,9 @@ def beta_sweep():
 
 def rounds():
     segment = max(1, cfg.iterations // (cfg.rounds + 1))  # the same PPO budget with and without new preferences
+    if segment * (cfg.rounds + 1) != cfg.iterations:
+        print(f"--iterations {cfg.iterations} split into {cfg.rounds + 1} segments: {segment} each, "
+              f"{segment * (cfg.rounds + 1)} in all")
     try:
         reference, enc, sft_ckpt = load_model(sft(), "sft", rt.device)
     except CheckpointError as e:
