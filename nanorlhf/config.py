@@ -10,6 +10,7 @@ import inspect
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -335,8 +336,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+def _plain_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}\n"  # a notice for the user, not a source line to debug
+
+
 def setup_runtime(cfg):
     """Pick device and precision, seed everything, and join DDP when launched by torchrun."""
+    warnings.formatwarning = _plain_warning  # the scripts' warnings (a prompt cut to fit) print as one plain line
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
         raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")
