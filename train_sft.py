@@ -124,20 +124,28 @@ def token_nll(model, x, y):
 nll_of = torch.compile(token_nll, mode=cfg.compile_mode) if cfg.compile else token_nll
 
 
-def batch_loss(seqs, prompt_lens, rows):
-    """-> the mean loss over the tokens that count on all ranks together, and this rank's batch shape (B, T)."""
+def make_batch(seqs, prompt_lens, rows):
+    """Inputs x, targets y and the mask of the targets that count (B, T), on the device."""
     x, y, loss_mask = story_batch(seqs, prompt_lens, rows, cfg.block_size, enc.eot_token, loss_on_response)
-    x, y, loss_mask = x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
-    nll = nll_of(model, x, y)
-    return (nll * loss_mask).sum() / global_mean_denominator(loss_mask.sum(), rt), x.shape
+    return x.to(rt.device), y.to(rt.device), loss_mask.to(rt.device)
+
+
+def batch_loss(batch, denominator):
+    """The summed -log p of the targets that count, divided by denominator (global_mean_denominator of
+    all the tokens the mean is over: this batch's, or a whole accumulated step's, on every rank)."""
+    x, y, loss_mask = batch
+    return (nll_of(model, x, y) * loss_mask).sum() / denominator
 
 
 @torch.no_grad()
 def validation_loss():
     model.eval()
     rng = np.random.default_rng(0)  # the same validation batches every time
-    batches = [rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size] for _ in range(cfg.eval_iters)]
-    losses = [batch_loss(val_seqs, val_prompt_lens, rows)[0] for rows in batches]
+    losses = []
+    for _ in range(cfg.eval_iters):
+        rows = rng.integers(0, len(val_seqs), cfg.batch_size)[rt.rank::rt.world_size]
+        batch = make_batch(val_seqs, val_prompt_lens, rows)
+        losses.append(batch_loss(batch, global_mean_denominator(batch[2].sum(), rt)))
     model.train()
     return float(all_reduce_mean(torch.stack(losses).mean(), rt))
 
@@ -179,23 +187,28 @@ while step < cfg.max_iters:
     lr = lr_at(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    total, shapes, t_step = 0.0, [], time.time()
-    for micro in range(cfg.grad_accum):
+    total, t_step = 0.0, time.time()
+    batches = [make_batch(train_seqs, train_prompt_lens,
+                          data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size])
+               for _ in range(cfg.grad_accum)]
+    # the mean over every token that counts in the step (all micro-batches, all ranks): what one batch of
+    # batch_size x grad_accum stories would give, not a mean of the micro-batches' means
+    denominator = global_mean_denominator(sum(batch[2].sum() for batch in batches), rt)
+    for micro, batch in enumerate(batches):
         if rt.world_size > 1:  # DDP averages the gradients over ranks once, after the last micro-batch
             model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        rows = data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size]
-        loss, (B, T) = batch_loss(train_seqs, train_prompt_lens, rows)
-        loss = loss / cfg.grad_accum
+        loss = batch_loss(batch, denominator)
         backward(loss, rt)
         total += loss.detach()
-        shapes.append((B, T))
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)  # float(grad_norm) waits for the GPU
     step += 1
     # the speed of the training step alone (not evaluation or sampling): tokens/s over all ranks, and the
     # MFU of this rank's GPU where its peak FLOP/s is known (throughput.PEAK_FLOPS: H100, H200, A100)
-    tok_per_s, mfu = training_speed(unwrap(model), shapes, time.time() - t_step, peak)
+    step_s, shapes = time.time() - t_step, [tuple(batch[0].shape) for batch in batches]
+    _, mfu = training_speed(unwrap(model), shapes, step_s, peak)
+    tokens = all_reduce_mean(torch.tensor(float(sum(B * T for B, T in shapes))), rt) * rt.world_size  # all ranks'
     metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm,
-               "tok_per_s": rt.world_size * tok_per_s, **({"mfu": mfu} if mfu is not None else {})}
+               "tok_per_s": float(tokens) / step_s, **({"mfu": mfu} if mfu is not None else {})}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped

@@ -285,9 +285,17 @@ def check_config(cfg):
     # counts and periods: 0 would divide by zero or train nothing
     for name in ("batch_size", "grad_accum", "eval_every", "eval_iters", "sample_every", "save_every", "log_every",
                  "rollout_batch", "n_minibatches", "sample_batch", "ppo_epochs", "epochs", "max_bad_steps",
-                 "n_prompts"):
+                 "n_prompts", "max_iters"):
         if getattr(cfg, name, 1) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_prompt_tokens < 1 or cfg.max_new_tokens < 1:
+        raise ValueError(f"max_prompt_tokens and max_new_tokens must be >= 1, got {cfg.max_prompt_tokens} and "
+                         f"{cfg.max_new_tokens}")
+    for name in ("lr", "value_lr"):
+        if getattr(cfg, name, 1.0) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if getattr(cfg, "loss_on", "auto") not in ("auto", "all", "response"):
+        raise ValueError(f"unknown loss_on {cfg.loss_on!r}: auto | all | response")
     if cfg.max_prompt_tokens + cfg.max_new_tokens > cfg.block_size:
         raise ValueError(f"max_prompt_tokens ({cfg.max_prompt_tokens}) + max_new_tokens ({cfg.max_new_tokens}) "
                          f"> block_size ({cfg.block_size}): raise block_size or shorten them")
@@ -365,6 +373,11 @@ def setup_runtime(cfg):
             dtype = torch.float32  # bf16 autocast is slower than fp32 on most CPUs (bench.py measures it)
     elif dtype is None:
         raise ValueError(f"unknown dtype {cfg.dtype!r}: auto | float32 | bfloat16 | float16")
+    if dtype == torch.float16 and device.type != "cuda":
+        # fp16 needs loss scaling, and torch's GradScaler works on CUDA only (elsewhere it switches itself off
+        # and steps with non-finite gradients): refuse rather than train on unscaled fp16 gradients
+        raise SystemExit(f"--dtype float16 needs a CUDA GPU (its loss scaling runs there); on {device.type} use "
+                         f"--dtype bfloat16 or float32")
     if device.type == "cuda":
         set_cuda_kernels()
     seed_everything(cfg.seed + rank)

@@ -73,7 +73,7 @@ def _runtime(device, dtype):
     device, dtype = torch.device(device), DTYPES.get(dtype, dtype)
     if device.type == "cuda":
         set_cuda_kernels()  # as setup_runtime
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     return Runtime(device=device, dtype=dtype, scaler=scaler)
 
 

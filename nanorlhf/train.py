@@ -45,9 +45,12 @@ def optimizer_step(model, optimizer, rt, grad_clip, update_scaler=True):
 
 
 def resume_command(*extra):
-    """The command line of this run with --resume (and extra flags) added: how to continue it."""
+    """The command line of this run with --resume (and extra flags) added: how to continue it
+    (under torchrun, with torchrun: each rank's share of the sampling depends on the process count)."""
     argv = sys.argv + ([] if "--resume" in sys.argv else ["--resume"])
-    return shlex.join(["python", *argv, *extra])
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = ["torchrun", "--nproc_per_node", str(world_size)] if world_size > 1 else ["python"]
+    return shlex.join([*launcher, *argv, *extra])
 
 
 class NonFiniteGuard:
@@ -71,7 +74,7 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return True
         self.skipped += 1
-        if scaler is not None and math.isfinite(loss) and scaler.get_scale() >= 1.0:
+        if scaler is not None and scaler.is_enabled() and math.isfinite(loss) and scaler.get_scale() >= 1.0:
             return False  # an fp16 gradient overflow: the GradScaler lowered its scale, as it is meant to
         self.in_a_row += 1
         print(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} (loss {loss}), "
@@ -142,12 +145,13 @@ class StopOnSignal:
 
     def exit(self, path, step, saved_step=None):
         """saved_step: the step the checkpoint at path holds, when that is not this one (SFT keeps its best)."""
-        if saved_step is None or saved_step == step:
-            print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: {resume_command()}",
-                  flush=True)
-        else:
-            print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
-                  f"{resume_command()}", flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank stops here; one of them says so
+            if saved_step is None or saved_step == step:
+                print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: "
+                      f"{resume_command()}", flush=True)
+            else:
+                print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
+                      f"{resume_command()}", flush=True)
         finish_ddp()
         sys.exit(128 + self.signum)
 

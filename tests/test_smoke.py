@@ -59,6 +59,21 @@ def test_sft_resume_continues_from_step_8(sft_dir, tmp_path):
     assert logged_steps(out) == list(range(1, 13))  # the log continues: 1..8 kept, 9..12 appended
 
 
+def test_sft_grad_accum_equals_one_batch_of_the_same_stories(tmp_path):
+    """2 micro-batches of 8 = one batch of 16 (the same rows: data_rng draws them in the same order): the loss is
+    the mean over every counted token of the step, not a mean of the micro-batches' means (which differs
+    with --loss_on response, where rows count different numbers of tokens)."""
+    runs = {}
+    for name, flags in (("one", ["--batch_size", "16"]), ("accum", ["--batch_size", "8", "--grad_accum", "2"])):
+        out = str(tmp_path / name)
+        check_ok(run("train_sft.py", "--preset", "tiny", "--out_dir", out, "--sft_dropout", "0", "--loss_on",
+                     "response", "--max_iters", "1", "--eval_every", "1", *flags))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[name] = json.loads(f.readline())
+    for key in ("loss", "grad_norm"):
+        assert runs["accum"][key] == pytest.approx(runs["one"][key], rel=2e-6), key
+
+
 def test_sft_keeps_the_checkpoint_of_the_best_validation_loss(sft_dir, tmp_path):
     out = str(tmp_path / "sft")
     shutil.copytree(sft_dir, out)
