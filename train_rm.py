@@ -114,6 +114,10 @@ else:
 val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
 train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
 train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
+if not train_rows or not val_rows:
+    raise SystemExit(f"{len(rows)} preference pairs in {len(groups)} prompt group(s) give {len(train_rows)} to train "
+                     f"on and {len(val_rows)} to validate: label more prompts (--n_prompts), check --val_fraction, "
+                     f"or sample more varied responses (identical responses make no pair)")
 if rt.is_main:
     print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
           f"({len(train_batches)} / {len(val_batches)} prompts)")
@@ -148,6 +152,11 @@ def batch_of(groups):
 
 
 @torch.no_grad()
+def ranked_right(r_chosen, r_rejected):
+    """1 where the RM prefers the chosen response, 1/2 for a tie (as gold_accuracy counts gold's ties), else 0."""
+    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+
+
 def evaluate(eval_groups):
     """Mean Bradley-Terry loss and accuracy over all the pairs of these groups, unweighted."""
     model.eval()
@@ -156,7 +165,7 @@ def evaluate(eval_groups):
         with rt.autocast():
             r_c, r_r = group_scores(model, batch_of(eval_groups[i:i + cfg.batch_size]))
         losses.append(float(bradley_terry_loss(r_c, r_r)) * len(r_c))
-        hits += (r_c > r_r).float().tolist()
+        hits += ranked_right(r_c, r_r).tolist()
     model.train()
     return sum(losses) / len(hits), float(np.mean(hits))
 
@@ -194,7 +203,7 @@ while step < total_steps:
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
     step += 1
     metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)),
-               "acc": float(all_reduce_mean((r_c > r_r).float().mean(), rt)), "lr": lr, "grad_norm": grad_norm}
+               "acc": float(all_reduce_mean(ranked_right(r_c, r_r).mean(), rt)), "lr": lr, "grad_norm": grad_norm}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped

@@ -309,6 +309,8 @@ def check_config(cfg):
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
     # the reward model's simulated raters, checked before minutes of sampling responses for them
+    if isinstance(cfg, RMConfig) and not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
     if isinstance(cfg, RMConfig) and cfg.norm_samples < 2:
         raise ValueError(f"norm_samples must be >= 2 (the reward is scaled by their spread), got {cfg.norm_samples}")
     if isinstance(cfg, RMConfig) and not cfg.prefs:

@@ -552,6 +552,14 @@ def test_config_errors_in_process():
         make_config(RMConfig, "rm", preset="tiny", k_responses=1)
     with pytest.raises(ValueError, match="n_prompts must be >= 1"):
         make_config(RMConfig, "rm", preset="tiny", n_prompts=0)
+    with pytest.raises(ValueError, match="val_fraction must be between 0 and 1"):
+        make_config(RMConfig, "rm", preset="tiny", val_fraction=1.0)
+    with pytest.raises(ValueError, match="max_prompt_tokens and max_new_tokens must be >= 1"):
+        make_config(RMConfig, "rm", preset="tiny", max_prompt_tokens=0)
+    with pytest.raises(ValueError, match="unknown loss_on 'foo'"):
+        make_config(SFTConfig, "sft", preset="tiny", loss_on="foo")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        make_config(SFTConfig, "sft", preset="tiny", lr=-1.0)
     with pytest.raises(ValueError, match="norm_samples must be >= 2"):  # one score has no spread: a nan reward
         make_config(RMConfig, "rm", preset="tiny", norm_samples=1)
     make_config(RMConfig, "rm", preset="tiny", prefs="given.jsonl", k_responses=1)  # no raters with --prefs

@@ -117,6 +117,13 @@ def test_rm_with_flowery_raters_reports_both_correlations_with_the_taste(sft_dir
 
 # ---------------------------------------------------------------- errors a user meets first
 
+def test_rm_with_nothing_to_train_on_says_so(sft_dir, tmp_path):
+    # one prompt: its pairs all go to validation, and an RM trained on nothing was saved as if finished
+    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", str(tmp_path), "--n_prompts", "1")
+    assert result.returncode == 1 and "0 to train on" in result.stderr and "--n_prompts" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(str(tmp_path), "ckpt.pt"))
+
+
 def test_rm_without_sft_checkpoint_names_the_command(tmp_path):
     result = run("train_rm.py", "--preset", "tiny", "--sft_dir", str(tmp_path / "nothing"),
                  "--out_dir", str(tmp_path / "rm"))
