@@ -132,6 +132,9 @@ try:
 except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
     raise SystemExit(str(e))
 train_prompts = [split_prompt(s)[0] for s in train_stories]
+if cfg.rollout_batch > len(train_prompts):  # an iteration draws its prompts without replacement
+    raise SystemExit(f"rollout_batch {cfg.rollout_batch} is more than the corpus's {len(train_prompts)} training "
+                     f"prompts: lower it")
 eval_prompts = [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(cfg.eval_prompts)]
 per_rank = cfg.rollout_batch // rt.world_size
 minibatch = per_rank // cfg.n_minibatches
