@@ -17,6 +17,12 @@ def run(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def run_ppo(dirs, out, *args):
+    """train_ppo.py on the tiny preset from the pipeline fixture's SFT and RM."""
+    return run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"], "--out_dir", out,
+               *args)
+
+
 def records(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -81,12 +87,10 @@ def test_reference_is_never_stepped_and_dropout_is_off(pipeline):
 def test_resume_continues(pipeline, tmp_path):
     dirs, _ = pipeline
     out = str(tmp_path / "ppo")
-    first = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                "--out_dir", out, "--iterations", "2", "--save_every", "1", "--adaptive_kl", "False")
+    first = run_ppo(dirs, out, "--iterations", "2", "--save_every", "1", "--adaptive_kl", "False")
     assert first.returncode == 0, first.stderr[-3000:]
     # resumed with an adaptive controller and a new target: beta carries over, the settings are the new ones
-    second = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                 "--out_dir", out, "--iterations", "4", "--resume", "--target_kl", "0.5", "--kl_horizon", "100")
+    second = run_ppo(dirs, out, "--iterations", "4", "--resume", "--target_kl", "0.5", "--kl_horizon", "100")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed" in second.stdout and "iteration 2" in second.stdout
     logged = [r for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r]
@@ -99,8 +103,7 @@ def test_resume_continues(pipeline, tmp_path):
 def test_log_every_thins_the_log_but_keeps_the_last_iteration(pipeline, tmp_path):
     dirs, _ = pipeline
     out = str(tmp_path / "ppo")
-    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                 "--out_dir", out, "--iterations", "3", "--log_every", "2", "--eval_prompts", "4")
+    result = run_ppo(dirs, out, "--iterations", "3", "--log_every", "2", "--eval_prompts", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r] == [2, 3]
 
@@ -125,8 +128,7 @@ def test_compiled_rollouts_and_training_keep_the_logprobs_aligned(pipeline, tmp_
     pass (detail 4), and the first minibatch must still reproduce the old logprobs (detail 3)."""
     dirs, _ = pipeline
     out = str(tmp_path / "ppo")
-    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", dirs["sft"], "--rm_dir", dirs["rm"],
-                 "--out_dir", out, "--iterations", "2", "--temperature", "0.7", "--compile")
+    result = run_ppo(dirs, out, "--iterations", "2", "--temperature", "0.7", "--compile")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "torch.compile failed" not in result.stdout  # the compiled step ran, not its eager fallback
     steps = [r for r in records(os.path.join(out, "metrics.jsonl")) if "reward" in r]
