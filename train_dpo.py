@@ -25,7 +25,7 @@ from nanorlhf.judge import gold_score
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
 from nanorlhf.model import response_logprobs
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs
-from nanorlhf.reward import encode_pairs, response_ids
+from nanorlhf.reward import encode_pairs, ranked_right, response_ids
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, finish_ddp, \
     global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
@@ -116,12 +116,6 @@ def mean(x):
     return float(all_reduce_mean(x.float().mean(), rt))
 
 
-def hits(chosen_rewards, rejected_rewards):
-    """1 where the implicit reward ranks the pair as the raters did, 1/2 for a tie (at step 1 every pair
-    ties: the policy is the reference), 0 otherwise."""
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-
-
 def batch_of(batch_rows):
     return encode_pairs(enc, batch_rows, cfg.max_prompt_tokens, max_response, rt.device)
 
@@ -149,13 +143,13 @@ def pair_losses(batch):
 
 @torch.no_grad()
 def evaluate(eval_rows):
-    """Loss, reward accuracy (hits) and reward margin over eval_rows, weighted as in training."""
+    """Loss, reward accuracy and reward margin over eval_rows, weighted as in training."""
     policy.eval()
     losses, accuracy, margins = [], [], []
     for i in range(0, len(eval_rows), cfg.batch_size):
         batch_losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(eval_rows[i:i + cfg.batch_size]))
         losses += batch_losses.tolist()
-        accuracy += hits(chosen_rewards, rejected_rewards).tolist()
+        accuracy += ranked_right(chosen_rewards, rejected_rewards).tolist()
         margins += (chosen_rewards - rejected_rewards).tolist()
     policy.train()
     weights = [r["weight"] for r in eval_rows]
@@ -210,7 +204,8 @@ while step < cfg.max_iters:
     backward(loss, rt)
     finite, grad_norm = optimizer_step(policy, optimizer, rt, cfg.grad_clip)
     step += 1
-    metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)), "acc": mean(hits(chosen_rewards, rejected_rewards)),
+    metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)),
+               "acc": mean(ranked_right(chosen_rewards, rejected_rewards)),
                "margin": mean(chosen_rewards - rejected_rewards), "chosen_reward": mean(chosen_rewards),
                "rejected_reward": mean(rejected_rewards), "lr": lr, "grad_norm": grad_norm}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps

@@ -25,7 +25,8 @@ from nanorlhf.judge import Rater, bias_bonus, gold_accuracy, gold_scores, inter_
 from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
-from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normaliser, score
+from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normaliser, ranked_right, \
+    score
 from nanorlhf.sampler import sample_responses
 from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
     finish_ddp, global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
@@ -152,11 +153,6 @@ def batch_of(groups):
 
 
 @torch.no_grad()
-def ranked_right(r_chosen, r_rejected):
-    """1 where the RM prefers the chosen response, 1/2 for a tie (as gold_accuracy counts gold's ties), else 0."""
-    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-
-
 def evaluate(eval_groups):
     """Mean Bradley-Terry loss and accuracy over all the pairs of these groups, unweighted."""
     model.eval()

@@ -308,7 +308,7 @@ def check_config(cfg):
                          f"({cfg.n_minibatches})")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
-    # the reward model's simulated raters, checked before minutes of sampling responses for them
+    # the reward model's settings, checked before minutes of sampling responses
     if isinstance(cfg, RMConfig) and not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
     if isinstance(cfg, RMConfig) and cfg.norm_samples < 2:

@@ -106,6 +106,12 @@ def group_scores(model, batch):
     return scores[chosen], scores[rejected]
 
 
+def ranked_right(r_chosen, r_rejected):
+    """Reward accuracy per pair: 1 where the reward prefers the chosen response, 1/2 for a tie (as the
+    gold judge's ties count; DPO's implicit rewards all tie at step 1, when the policy is the reference)."""
+    return (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+
+
 def normaliser(raw_scores):
     """gain, bias so that gain * raw + bias has mean 0 and std 1 on these scores
     (Ziegler et al. 2019 normalise the reward on samples of the initial policy)."""

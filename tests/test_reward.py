@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_scalar_gpt
-from nanorlhf.reward import encode_groups, encode_pairs, group_rows, group_scores, normaliser, score
+from nanorlhf.reward import encode_groups, encode_pairs, group_rows, group_scores, normaliser, ranked_right, score
 from nanorlhf.tokenizer import make_encoding, train_bpe
 
 
@@ -50,3 +50,8 @@ def test_group_scores_equal_pair_by_pair_scores_and_score_each_response_once():
         p_r = score(model, prompt, prompt_mask, rejected, rejected_mask)
     assert torch.allclose(r_c, p_c, atol=1e-5) and torch.allclose(r_r, p_r, atol=1e-5)
     assert not torch.allclose(r_c, r_r)  # the pairs are really different responses
+
+
+def test_ranked_right_counts_ties_as_half():
+    chosen, rejected = torch.tensor([2.0, 1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 0.5, 0.0])
+    assert ranked_right(chosen, rejected).tolist() == [1.0, 0.0, 0.5, 0.5]
