@@ -204,11 +204,10 @@ while step < cfg.max_iters:
     step += 1
     # the speed of the training step alone (not evaluation or sampling): tokens/s over all ranks, and the
     # MFU of this rank's GPU where its peak FLOP/s is known (throughput.PEAK_FLOPS: H100, H200, A100)
-    step_s, shapes = time.time() - t_step, [tuple(batch[0].shape) for batch in batches]
-    _, mfu = training_speed(unwrap(model), shapes, step_s, peak)
-    tokens = all_reduce_mean(torch.tensor(float(sum(B * T for B, T in shapes))), rt) * rt.world_size  # all ranks'
+    tok_per_s, mfu = training_speed(unwrap(model), [batch[0].shape for batch in batches], time.time() - t_step, peak)
     metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm,
-               "tok_per_s": float(tokens) / step_s, **({"mfu": mfu} if mfu is not None else {})}
+               "tok_per_s": float(all_reduce_mean(torch.tensor(tok_per_s), rt)) * rt.world_size,  # all ranks'
+               **({"mfu": mfu} if mfu is not None else {})}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
     if guard.skipped:
         metrics["skipped_steps"] = guard.skipped

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.attention
 
-from nanorlhf.config import PRESETS, Runtime, SFTConfig, make_config, set_cuda_kernels
+from nanorlhf.config import PPOConfig, Runtime, SFTConfig, make_config, set_cuda_kernels
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT, join_prompt_response, logprobs_from_logits, response_logits
 from nanorlhf.ppo import compute_gae, entropy_from_logits, kl_penalty_rewards, masked_whiten, policy_loss, value_loss
 from nanorlhf.reward import score
@@ -95,10 +95,10 @@ def _peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def model_config(preset):
-    a = PRESETS[preset]["all"]
-    return GPTConfig(vocab_size=a["vocab_size"], block_size=a["block_size"], n_layer=a["n_layer"],
-                     n_head=a["n_head"], n_embd=a["n_embd"])
+def model_config(cfg, dropout=0.0):
+    """The GPTConfig of a stage config's model shape (the vocabulary as the preset asks for it)."""
+    return GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=dropout)
 
 
 def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compile=False, steps=10,
@@ -113,9 +113,7 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
     flash | efficient | cudnn forces one. compile_mode: torch.compile's mode (config.COMPILE_MODES)."""
     if isinstance(preset_or_config, str):
         sft = make_config(SFTConfig, "sft", preset=preset_or_config)
-        config = GPTConfig(vocab_size=sft.vocab_size, block_size=sft.block_size, n_layer=sft.n_layer,
-                           n_head=sft.n_head, n_embd=sft.n_embd, dropout=sft.sft_dropout)
-        batch_size = batch_size or sft.batch_size
+        config, batch_size = model_config(sft, sft.sft_dropout), batch_size or sft.batch_size
     else:
         config, batch_size = preset_or_config, batch_size or 8
     if dropout is not None:
@@ -170,7 +168,7 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
 
 def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=None, seed=0,
               compile_mode="default"):
-    """Time one PPO iteration of a preset's size, phase by phase, as train_ppo.py runs it:
+    """Time one PPO iteration of a preset's size and settings, phase by phase, as train_ppo.py runs it:
     rollout (generate), score (reward model), ref_value (old and reference logprobs, old values,
     rewards, GAE), learn (ppo_epochs x n_minibatches clipped-loss steps of policy and value model).
     Random-init models; <|endoftext|> is the last id, which random weights rarely draw, so every
@@ -180,19 +178,22 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
     compiling (on CPU the second iteration still recompiled: 9 s, then 0.06 s, tiny preset)."""
     warmup = warmup if warmup is not None else 2 if compile else 1
     rt = _runtime(device, dtype)
-    a, p = PRESETS[preset]["all"], PRESETS[preset]["ppo"]
-    B, P, N = p["rollout_batch"], a["max_prompt_tokens"], a["max_new_tokens"]
-    minibatch, epochs = B // p["n_minibatches"], 4  # PPOConfig.ppo_epochs
+    cfg = make_config(PPOConfig, "ppo", preset=preset)
+    B, P, N = cfg.rollout_batch, cfg.max_prompt_tokens, cfg.max_new_tokens
+    minibatch = B // cfg.n_minibatches
     torch.manual_seed(seed)
-    config = model_config(preset)
+    config = model_config(cfg)
     policy = GPT(config).to(rt.device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = ScalarGPT(config).to(rt.device).eval().requires_grad_(False)
     value_model = ScalarGPT(config).to(rt.device)
-    policy_opt = make_optimizer(policy, 1e-5, 0.0, rt.device)
-    value_opt = make_optimizer(value_model, 1e-5, 0.0, rt.device)
-    policy_train, value_train = (torch.compile(m, mode=compile_mode) if compile else m for m in (policy, value_model))
-    decode_step = make_decode_step(policy, "cuda_graph" if rt.device.type == "cuda" else "compile") if compile else None
+    policy_opt = make_optimizer(policy, cfg.lr, 0.0, rt.device)
+    value_opt = make_optimizer(value_model, cfg.value_lr, 0.0, rt.device)
+    policy_train, value_train = (torch.compile(m, mode=compile_mode) if compile else m
+                                 for m in (policy, value_model))
+    decode_step = None
+    if compile:
+        decode_step = make_decode_step(policy, "cuda_graph" if rt.device.type == "cuda" else "compile")
     eos = config.vocab_size - 1
     generator = torch.Generator(rt.device).manual_seed(seed)
     prompt = torch.randint(0, eos, (B, P), device=rt.device, generator=generator)
@@ -225,24 +226,24 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
                 old_logprobs[mb] = logprobs_from_logits(response_logits(policy_train, *args), response[mb])
                 ref_logprobs[mb] = logprobs_from_logits(response_logits(reference, *args), response[mb])
                 old_values[mb] = values_of(value_train, *args)
-            rewards = kl_penalty_rewards(scores, old_logprobs, ref_logprobs, mask, 0.1)
-            advantages, returns = compute_gae(rewards, old_values * mask, mask, 1.0, 0.95)
+            rewards = kl_penalty_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.init_kl_coef)
+            advantages, returns = compute_gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
             advantages = masked_whiten(advantages, mask)
         _sync(rt.device)
         times["ref_value_s"], t = time.perf_counter() - t, time.perf_counter()
-        for _ in range(epochs):
+        for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, device=rt.device, generator=generator).split(minibatch):
                 args = (prompt[mb], prompt_mask[mb], response[mb], mask[mb])
                 with rt.autocast():
                     logits = response_logits(policy_train, *args)  # (b, N, V)
                     values = values_of(value_train, *args)  # (b, N)
                 new_logprobs = logprobs_from_logits(logits, response[mb])  # fp32 from here on
-                pg_loss, _ = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mask[mb], 0.2)
-                vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], 0.2)
-                loss = pg_loss + 0.1 * vf_loss
+                pg_loss, _ = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range)
+                vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
                 backward(loss, rt)
-                optimizer_step(policy, policy_opt, rt, 1.0, update_scaler=False)
-                optimizer_step(value_model, value_opt, rt, 1.0)
+                optimizer_step(policy, policy_opt, rt, cfg.grad_clip, update_scaler=False)
+                optimizer_step(value_model, value_opt, rt, cfg.grad_clip)
                 float(loss.detach())  # train_ppo's NonFiniteGuard reads the loss every step: a host sync
                 with torch.no_grad():
                     entropy_from_logits(logits.float(), mask[mb])  # its per-minibatch statistics
