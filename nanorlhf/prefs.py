@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 
-from nanorlhf.checkpoint import atomic_write
+from nanorlhf.io import atomic_write
 
 
 class PreferenceFileError(ValueError):
@@ -118,6 +118,6 @@ def prefs_digest(rows):
 
 
 def write_prefs(path, rows):
-    """Write rows as JSONL atomically (checkpoint.atomic_write: a temp file in the same folder, fsync, rename)."""
+    """Write rows as JSONL atomically (io.atomic_write: a temp file in the same folder, fsync, rename)."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

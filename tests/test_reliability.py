@@ -29,7 +29,8 @@ import torch._dynamo  # noqa: F401 - see below
 
 import nanorlhf.evaluate  # noqa: F401 - see below
 import nanorlhf.metrics  # noqa: F401
-from nanorlhf.checkpoint import CheckpointError, atomic_write, ckpt_path, load_checkpoint, load_model, \
+from nanorlhf.io import atomic_write
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model, \
     load_resume, save_checkpoint
 from nanorlhf.config import PPOConfig, Runtime, SFTConfig, make_config
 from nanorlhf.data import encode_prompts, load_corpus
