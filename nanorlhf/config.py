@@ -181,6 +181,7 @@ class DPOConfig(CommonConfig):
     rm_dir: str = arg("out/rm", "where the preference pairs the RM used are stored (prefs.jsonl)")
     prefs: str = arg("", "a preference file; empty = out/rm/prefs.jsonl")
     beta: float = arg(0.1, "DPO temperature (Rafailov et al. 2023)")
+    val_fraction: float = arg(0.1, "share of prompts (groups of pairs) held out for validation, as train_rm's")
     batch_size: int = arg(16, "pairs per step")
     max_iters: int = arg(200, "optimizer steps")
     lr: float = arg(1e-5, "learning rate")
@@ -302,9 +303,9 @@ def check_config(cfg):
                          f"({cfg.n_minibatches})")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
-    # the reward model's settings, checked before minutes of sampling responses
-    if isinstance(cfg, RMConfig) and not 0 < cfg.val_fraction < 1:
+    if hasattr(cfg, "val_fraction") and not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
+    # the reward model's settings, checked before minutes of sampling responses
     if isinstance(cfg, RMConfig) and cfg.norm_samples < 2:
         raise ValueError(f"norm_samples must be >= 2 (the reward is scaled by their spread), got {cfg.norm_samples}")
     if isinstance(cfg, RMConfig) and not cfg.prefs:

@@ -155,7 +155,7 @@ def restore(ckpt, rt, guard, parts, generator=None, unit="step"):
     set_rng_state(ckpt["rng"], generator)
     guard.saved(ckpt["step"])
     if rt.is_main:
-        print(f"resumed from {ckpt_path(ckpt['config']['out_dir'])} at {unit} {ckpt['step']}")
+        print(f"resumed from {guard.ckpt_path} at {unit} {ckpt['step']}")
     return ckpt["step"]
 
 
