@@ -24,7 +24,7 @@ from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController
-from nanorlhf.ppo_step import advantages, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
+from nanorlhf.ppo_step import advantages, batch_sizes, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
     ppo_update, rollout, score_responses, value_model_from
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
     train_missing_stages
@@ -77,14 +77,7 @@ try:
     train_prompts, eval_prompts = load_prompts(cfg.dataset, cfg.eval_prompts)
 except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
     raise SystemExit(str(e))
-if cfg.rollout_batch > len(train_prompts):  # an iteration draws its prompts without replacement
-    raise SystemExit(f"rollout_batch {cfg.rollout_batch} is more than the corpus's {len(train_prompts)} training "
-                     f"prompts: lower it")
-if cfg.rollout_batch % (rt.world_size * cfg.n_minibatches):  # every rank steps on as many equal minibatches
-    raise SystemExit(f"rollout_batch {cfg.rollout_batch} must be a multiple of processes ({rt.world_size}) x "
-                     f"n_minibatches ({cfg.n_minibatches})")
-per_rank = cfg.rollout_batch // rt.world_size
-minibatch_size = per_rank // cfg.n_minibatches
+per_rank, minibatch_size = batch_sizes(cfg.rollout_batch, cfg.n_minibatches, rt.world_size, len(train_prompts))
 
 
 def save(iteration):

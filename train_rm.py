@@ -198,7 +198,7 @@ norm_sampled = sample_responses(policy, enc, norm_prompts, cfg.max_prompt_tokens
                                 cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 raw = normalised_scores(rm, 1.0, 0.0, norm_sampled["batches"], rt)  # 1 * raw + 0: the raw scores
 gain, bias = normaliser(raw)
-normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (DESIGN detail 11)
+normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (docs/design.md detail 11)
 eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_samples)]
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                          cfg.temperature, batch_size=cfg.sample_batch, generator=generator)

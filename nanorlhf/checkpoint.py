@@ -162,7 +162,7 @@ def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
         raise CheckpointError(f"the reward model in {out_dir} stopped at step {ckpt['step']}, before it finished: "
                               f"rerun the command that made it with --resume "
                               f"(`{MAKES['rm']} --resume --out_dir {out_dir}`)")
-    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (DESIGN detail 9)
+    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (docs/design.md detail 9)
     model = ScalarGPT(config) if stage == "rm" else GPT(config)
     try:
         model.load_state_dict(ckpt["model"])

@@ -33,6 +33,18 @@ def value_model_from(rm, device):
     return value_model
 
 
+def batch_sizes(rollout_batch, n_minibatches, world_size, n_prompts):
+    """-> each rank's share of the rollout batch and its minibatch size, or a SystemExit that says the fix."""
+    if rollout_batch > n_prompts:  # an iteration draws its prompts without replacement
+        raise SystemExit(f"rollout_batch {rollout_batch} is more than the corpus's {n_prompts} training prompts: "
+                         f"lower it")
+    if rollout_batch % (world_size * n_minibatches):  # every rank steps on as many equal minibatches
+        raise SystemExit(f"rollout_batch {rollout_batch} must be a multiple of processes ({world_size}) x "
+                         f"n_minibatches ({n_minibatches})")
+    per_rank = rollout_batch // world_size
+    return per_rank, per_rank // n_minibatches
+
+
 def rollout(policy, prompt, prompt_mask, max_new_tokens, temperature, eos_id, rt, generator, decode_step=None):
     """Sample one response per left-padded prompt (B, P) with the policy in eval mode -> a batch dict with
     "prompt", "prompt_mask", "response", "mask" and the sampler's "logprobs" (B, N), right padded."""
