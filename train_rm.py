@@ -26,8 +26,8 @@ from nanorlhf.metrics import plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
 from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, warmup_lr
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt, write_prefs
-from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normalised_scores, normaliser, \
-    ranked_right
+from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normalised_scores, \
+    normaliser, ranked_right
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, save_step, setup_runtime, \
     start_loop
 from nanorlhf.sampler import sample_responses
@@ -112,9 +112,9 @@ train_rows, val_rows, val_groups = split_by_prompt(  # a resumed run keeps the i
     rows, cfg.val_fraction, rng, set(resume_ckpt["val_groups"]) if resume_ckpt is not None else None)
 train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
 if not train_rows or not val_rows:
-    raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give {len(train_rows)} to train "
-                     f"on and {len(val_rows)} to validate: label more prompts (--n_prompts), check --val_fraction, "
-                     f"or sample more varied responses (identical responses make no pair)")
+    raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give "
+                     f"{len(train_rows)} to train on and {len(val_rows)} to validate: label more prompts (--n_prompts), "
+                     f"check --val_fraction, or sample more varied responses (identical responses make no pair)")
 if rt.is_main:
     print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
           f"({len(train_batches)} / {len(val_batches)} prompts)")
