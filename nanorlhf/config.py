@@ -1,7 +1,7 @@
-"""Configs and presets: one dataclass of settings per script, each field with its --help text.
+"""Configs and presets: one dataclass of settings per script.
 
-Each script has one dataclass of settings; every field is a --flag of the same
-name. The order of precedence: dataclass default < preset < command line.
+Every field is a --flag of the same name, and its help text sits beside its default
+(arg(default, help)). The order of precedence: dataclass default < preset < command line.
 """
 import argparse
 import dataclasses
