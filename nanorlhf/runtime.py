@@ -206,6 +206,9 @@ def end_step(run, step, metrics, save, log_due, save_due=False, finite=(), stop_
             save_step(run, save, step)
         elif run.guard.saved_step is None:  # nothing good to keep yet
             raise SystemExit(f"stopped at step {step} without a checkpoint: no good step to save yet")
+        elif run.rt.is_main:
+            print(f"step {step} is not saved (no better than the checkpoint, or a bad step): the checkpoint stays "
+                  f"at step {run.guard.saved_step}", flush=True)
         run.stop.exit(run.path, step, step if stop_save else run.guard.saved_step)
     if save_due and run.guard.can_save(*finite):
         save_step(run, save, step)
