@@ -7,7 +7,7 @@ python bench.py train                   # SFT training tokens/s and achieved FLO
 python bench.py train --device cuda --dtype bfloat16 --compile        # the gpu preset, the MFU figure
 python bench.py ppo                     # one PPO iteration split into rollout / scoring / ref+value / learning
 
-`train` and `ppo` (nanorlhf/throughput.py) use random weights at a preset's model size
+`train` and `ppo` (nanorlhf/benchmark.py) use random weights at a preset's model size
 (--preset; default gpu on CUDA, cpu otherwise). On CPU `train` times fp32 and bf16
 autocast side by side: nanorlhf trains in fp32 on CPU because bf16 is not faster there.
 
@@ -38,6 +38,7 @@ import torch
 
 from nanorlhf.config import COMPILE_MODES, PRESETS
 from nanorlhf.model import GPT, GPTConfig, to_hf_gpt2
+from nanorlhf.runtime import DTYPES
 from nanorlhf.sampler import generate, make_decode_step, naive_generate
 
 # name -> (vocab_size, n_layer, n_head, n_embd)
@@ -47,7 +48,6 @@ MODELS = {
     **{name: tuple(PRESETS[name]["all"][k] for k in ("vocab_size", "n_layer", "n_head", "n_embd"))
        for name in ("tiny", "cpu", "gpu")},
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_prompts(batch, prompt_len, vocab_size, eos_id, device, seed):
@@ -248,7 +248,7 @@ def main():
 
 
 def bench_training(args, device, dtype):
-    from nanorlhf.throughput import bench_ppo, bench_sft
+    from nanorlhf.benchmark import bench_ppo, bench_sft
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     if args.what == "ppo":
         r = bench_ppo(preset, device, dtype, compile=args.compile, compile_mode=args.compile_mode)

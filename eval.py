@@ -21,10 +21,11 @@ import textwrap
 
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
-from nanorlhf.config import EvalConfig, parse_config, print_config, setup_runtime
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_policy
+from nanorlhf.config import EvalConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row
+from nanorlhf.runtime import setup_runtime
 
 WIDTH = 100  # console width of the side-by-side samples
 
@@ -66,13 +67,11 @@ for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
         skipped.append(ckpt_dir)
         continue
     try:
-        stage = load_checkpoint(ckpt_dir)["stage"]
-        if stage == "rm":
-            raise CheckpointError(f"{ckpt_dir} holds a reward model, not a policy: "
-                                  f"pass sft, ppo or dpo dirs in --ckpts")
-        policy = load_model(ckpt_dir, stage, rt.device, tokenizer_of=sft_ckpt)[0].eval()
+        policy, _, ckpt = load_policy(ckpt_dir, rt.device, tokenizer_of=sft_ckpt, flag="--ckpts")
     except CheckpointError as e:
         raise SystemExit(str(e))
+    policy.eval()
+    stage = ckpt["stage"]
     name = os.path.basename(os.path.normpath(ckpt_dir))
     name = name if stage in name else f"{stage}:{name}"
     if any(r["method"] == name for r in results):

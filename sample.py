@@ -15,11 +15,11 @@ import textwrap
 
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
-from nanorlhf.config import setup_runtime
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_policy
 from nanorlhf.judge import gold_score
 from nanorlhf.metrics import print_samples
-from nanorlhf.reward import score
+from nanorlhf.reward import normalised_scores
+from nanorlhf.runtime import setup_runtime
 from nanorlhf.sampler import sample_responses
 
 POLICY_DIRS = ("out/ppo", "out/dpo", "out/sft")  # where --ckpt looks when not given
@@ -71,22 +71,11 @@ if not args.ckpt:
     print(f"--ckpt {args.ckpt} (the most recently written of {', '.join(found)})")
 
 
-def load_policy(out_dir, tokenizer_of=None):
-    """A policy checkpoint of any stage (sft, ppo, dpo): the stage is read from the file."""
-    if not os.path.exists(ckpt_path(out_dir)):
-        raise SystemExit(f"no checkpoint at {ckpt_path(out_dir)}: pass a dir that train_sft.py, train_ppo.py "
-                         f"or train_dpo.py wrote")
-    try:
-        stage = load_checkpoint(out_dir)["stage"]
-        if stage == "rm":
-            raise CheckpointError(f"{out_dir} holds a reward model, not a policy: pass an sft, ppo or dpo dir")
-        return load_model(out_dir, stage, rt.device, tokenizer_of)
-    except CheckpointError as e:
-        raise SystemExit(str(e))
-
-
-policy, enc, ckpt = load_policy(args.ckpt)
-compare = load_policy(args.compare, tokenizer_of=ckpt)[0] if args.compare else None
+try:
+    policy, enc, ckpt = load_policy(args.ckpt, rt.device)
+    compare = load_policy(args.compare, rt.device, tokenizer_of=ckpt, flag="--compare")[0] if args.compare else None
+except CheckpointError as e:
+    raise SystemExit(str(e))
 rm, rm_note = None, ""
 if os.path.exists(ckpt_path(args.rm_dir)):
     try:
@@ -115,11 +104,9 @@ def continuations(model):
     out = sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt, temperature,
                            generator=generator, top_k=args.top_k, top_p=args.top_p)
     rows = [{"response": text} for text in out["texts"]]
-    if rm is not None:
-        with torch.no_grad(), rt.autocast():
-            raw = torch.cat([score(rm, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"]) for b in out["batches"]])
-        for row, r in zip(rows, (rm_ckpt["gain"] * raw.cpu() + rm_ckpt["bias"]).tolist()):
-            row["reward"] = r  # normalised as in train_rm.py: gain * raw + bias
+    if rm is not None:  # normalised as in training: gain * raw + bias
+        for row, r in zip(rows, normalised_scores(rm, rm_ckpt["gain"], rm_ckpt["bias"], out["batches"], rt).tolist()):
+            row["reward"] = r
     for row, text, ended in zip(rows, out["texts"], out["ended"]):
         row["gold"] = gold_score(text, ended)
         row["ended"] = "yes" if ended else "no"

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
-from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config, setup_runtime
+from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.evaluate import evaluate_policy
 from nanorlhf.metrics import read_metrics, spearman
+from nanorlhf.runtime import setup_runtime
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402

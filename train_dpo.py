@@ -17,20 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_resume, rng_state, save_checkpoint, \
-    set_rng_state
-from nanorlhf.config import DPOConfig, parse_config, print_config, setup_runtime
+from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
+from nanorlhf.config import DPOConfig, parse_config, print_config
+from nanorlhf.distributed import all_reduce_mean, epoch_batch, finish_ddp, global_mean_denominator, unwrap
 from nanorlhf.dpo import dpo_loss
 from nanorlhf.judge import gold_score
-from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
+from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.model import response_logprobs
-from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs
-from nanorlhf.reward import encode_pairs, ranked_right, response_ids
+from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, warmup_lr
+from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt
+from nanorlhf.reward import encode_pairs, group_rows, ranked_right, response_ids
+from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop
 from nanorlhf.sampler import sample_responses
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, epoch_batch, finish_ddp, \
-    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
-VAL_FRACTION = 0.1  # share of prompts (groups of pairs) held out for validation, as in train_rm.py
 EVALS_PER_RUN = 10  # validation, a sample and a checkpoint this many times per run (and at the end)
 EVAL_PAIRS = 256  # pairs scored at each evaluation (validation, and a train subset): accuracy to about ±3%
 
@@ -47,7 +46,7 @@ try:
     resume_ckpt = load_resume(cfg, "dpo", policy.config)  # None without --resume
 except CheckpointError as e:
     raise SystemExit(str(e))
-reference.eval().requires_grad_(False)  # pi_ref is never stepped (DESIGN detail 9)
+reference.eval().requires_grad_(False)  # pi_ref is never stepped (docs/design.md, detail 9)
 max_response = policy.config.block_size - cfg.max_prompt_tokens  # longer responses are cut to fit the model
 
 # ---------------------------------------------------------------- preference pairs
@@ -73,14 +72,9 @@ if len(kept) < len(rows) and rt.is_main:
 rows = kept
 if not rows:
     raise SystemExit(f"{prefs_path}: no pair with two different responses to learn from")
-# hold out whole prompts: the pairs of one prompt share a "group" (rows without one are their own group)
-rng = np.random.default_rng(cfg.seed)
-groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
-val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * VAL_FRACTION))].tolist())
-val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
-train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
+train_rows, val_rows, _ = split_by_prompt(rows, cfg.val_fraction, np.random.default_rng(cfg.seed))  # whole prompts
 if not train_rows:
-    raise SystemExit(f"{prefs_path} has {len(groups)} prompt(s): too few to hold some out; label more pairs")
+    raise SystemExit(f"{prefs_path} has {len(group_rows(rows))} prompt(s): too few to hold some out; label more pairs")
 val_eval_rows = val_rows[:EVAL_PAIRS]  # whole prompts first: the rows of a group are adjacent
 train_eval_rows = train_rows[:len(val_eval_rows)]  # a train subset as large, to compare the two
 sample_prompt = next((r["prompt"] for r in val_rows if r["prompt"]), "Once upon a time")  # shown every eval
@@ -92,24 +86,14 @@ if rt.is_main:
 optimizer = make_optimizer(policy, cfg.lr, 0.0, rt.device)  # no weight decay: it would pull away from pi_ref
 eval_every = max(1, cfg.max_iters // EVALS_PER_RUN)
 step = 0
-guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+guard = make_guard(cfg, rt, {"lr": cfg.lr})
 if resume_ckpt is not None:  # weights, Adam moments, RNGs; the data order follows the step
     if resume_ckpt.get("prefs_digest") != digest:
         raise SystemExit(f"--resume: the preference pairs in {prefs_path} are not the ones the checkpoint was "
                          f"trained on; restore them, or start a new run without --resume")
-    policy.load_state_dict(resume_ckpt["model"])
-    optimizer.load_state_dict(resume_ckpt["optimizer"])
-    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
-        rt.scaler.load_state_dict(resume_ckpt["scaler"])
-    step = resume_ckpt["step"]
-    set_rng_state(resume_ckpt["rng"])
-    guard.saved(step)
-    if rt.is_main:
-        print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
+    step = restore(resume_ckpt, rt, guard, {"model": policy, "optimizer": optimizer})
 policy.grad_checkpoint = cfg.grad_checkpoint
-if cfg.compile:
-    policy = torch.compile(policy, mode=cfg.compile_mode)  # the training forward; sampling uses the plain module
-policy = wrap_ddp(policy, rt)
+policy = for_training(policy, cfg, rt)  # the training forward (--compile, DDP); sampling uses the plain module
 
 
 def mean(x):
@@ -171,9 +155,7 @@ def print_continuation(prompt):
                     "gold": gold_score(sampled["texts"][0], sampled["ended"][0])}])
 
 
-def save():
-    if not rt.is_main:
-        return
+def save(step):
     model = unwrap(policy)
     save_checkpoint(cfg.out_dir, {
         "stage": "dpo", "model": model.state_dict(), "model_config": {**asdict(model.config), "dropout": 0.0},
@@ -181,22 +163,17 @@ def save():
         "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
         "rng": rng_state(), "prefs": prefs_path,
         "prefs_digest": digest})
-    guard.saved(step)
 
 
 # ---------------------------------------------------------------- DPO training
-log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
-if resume_ckpt is not None:
-    log.keep_until(step)
 policy.train()
-stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
+run = start_loop(cfg, rt, guard, step, resumed=resume_ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
 metrics = {}
 t_last = time.time()
 while step < cfg.max_iters:
     batch_rows = [train_rows[j] for j in epoch_batch(len(train_rows), cfg.batch_size, step, cfg.seed, rt)]
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.max_iters // 10))  # warmup over the first tenth, then flat
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    lr = warmup_lr(cfg.lr, step, cfg.max_iters)
+    set_lr(optimizer, lr)
     weights = torch.tensor([r["weight"] for r in batch_rows], device=rt.device)
     losses, chosen_rewards, rejected_rewards = pair_losses(batch_of(batch_rows))
     # weighted mean (a prompt's C(k,2) pairs count as one) over the pairs of every rank, in fp32
@@ -209,26 +186,19 @@ while step < cfg.max_iters:
                "margin": mean(chosen_rewards - rejected_rewards), "chosen_reward": mean(chosen_rewards),
                "rejected_reward": mean(rejected_rewards), "lr": lr, "grad_norm": grad_norm}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
-    if guard.skipped:
-        metrics["skipped_steps"] = guard.skipped
     if step % eval_every == 0 or step == cfg.max_iters:
         metrics["train_loss"], metrics["train_acc"], metrics["train_margin"] = evaluate(train_eval_rows)
         metrics["val_loss"], metrics["val_acc"], metrics["val_margin"] = evaluate(val_eval_rows)
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
-    if step % cfg.log_every == 0 or "val_acc" in metrics:
-        log.log(step, **metrics)
-    if "val_acc" in metrics and guard.can_save(metrics["val_loss"]):  # never replace a good checkpoint by a bad one
-        save()
-    if stop.requested(rt):
-        save()
-        stop.exit(ckpt_path(cfg.out_dir), step)
+    end_step(run, step, metrics, save, log_due=step % cfg.log_every == 0 or "val_acc" in metrics,
+             save_due="val_acc" in metrics, finite=(metrics.get("val_loss", 0.0),))
     if "val_acc" in metrics and rt.is_main:
         print_continuation(sample_prompt)
-stop.release()
+end_loop(run)
 
 if rt.is_main:
-    plot_metrics(log.path, [["loss", "train_loss", "val_loss"], ["acc", "train_acc", "val_acc"],
+    plot_metrics(run.log.path, [["loss", "train_loss", "val_loss"], ["acc", "train_acc", "val_acc"],
                             ["margin", "train_margin", "val_margin"]], os.path.join(cfg.out_dir, "dpo.png"),
                  f"DPO (beta {cfg.beta}): loss, reward accuracy, reward margin")
     if "val_acc" in metrics:

@@ -16,20 +16,21 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_resume, rng_state, save_checkpoint, \
-    set_rng_state
-from nanorlhf.config import RMConfig, parse_config, print_config, setup_runtime
+from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
+from nanorlhf.config import RMConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.judge import Rater, bias_bonus, gold_accuracy, gold_scores, inter_rater_agreement, label_pairs, \
     make_rater_pool
-from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples, spearman
+from nanorlhf.distributed import all_gather_lists, all_reduce_mean, epoch_batch, finish_ddp, global_mean_denominator
+from nanorlhf.metrics import plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
-from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, write_prefs
-from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normaliser, ranked_right, \
-    score
+from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, warmup_lr
+from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt, write_prefs
+from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normalised_scores, \
+    normaliser, ranked_right
+from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, save_step, setup_runtime, \
+    start_loop
 from nanorlhf.sampler import sample_responses
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_gather_lists, all_reduce_mean, backward, epoch_batch, \
-    finish_ddp, global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(RMConfig, "rm", description=__doc__)
 rt = setup_runtime(cfg)
@@ -103,22 +104,17 @@ else:
             print(f"+ {len(old_rows)} pairs of earlier rounds from {cfg.extra_prefs}")
     if rt.is_main:
         write_prefs(prefs_path, rows)
-groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
 digest = prefs_digest(rows)
-if resume_ckpt is None:
-    val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * cfg.val_fraction))].tolist())
-elif resume_ckpt.get("prefs_digest") != digest:
+if resume_ckpt is not None and resume_ckpt.get("prefs_digest") != digest:
     raise SystemExit(f"--resume: the preference pairs in {cfg.prefs or prefs_path} are not the ones the checkpoint "
                      f"was trained on; restore them, or start a new run without --resume")
-else:
-    val_groups = set(resume_ckpt["val_groups"])  # the interrupted run's split
-val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
-train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
+train_rows, val_rows, val_groups = split_by_prompt(  # a resumed run keeps the interrupted run's split
+    rows, cfg.val_fraction, rng, set(resume_ckpt["val_groups"]) if resume_ckpt is not None else None)
 train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
 if not train_rows or not val_rows:
-    raise SystemExit(f"{len(rows)} preference pairs in {len(groups)} prompt group(s) give {len(train_rows)} to train "
-                     f"on and {len(val_rows)} to validate: label more prompts (--n_prompts), check --val_fraction, "
-                     f"or sample more varied responses (identical responses make no pair)")
+    raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give "
+                     f"{len(train_rows)} to train on and {len(val_rows)} to validate: label more prompts (--n_prompts), "
+                     f"check --val_fraction, or sample more varied responses (identical responses make no pair)")
 if rt.is_main:
     print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
           f"({len(train_batches)} / {len(val_batches)} prompts)")
@@ -131,20 +127,11 @@ optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
 steps_per_epoch = math.ceil(len(train_batches) / cfg.batch_size)
 total_steps = steps_per_epoch * cfg.epochs
 step = 0
-guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+guard = make_guard(cfg, rt, {"lr": cfg.lr})
 if resume_ckpt is not None:  # weights, Adam moments, the sampler's generator (the data order follows the step)
-    model.load_state_dict(resume_ckpt["model"])
-    optimizer.load_state_dict(resume_ckpt["optimizer"])
-    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
-        rt.scaler.load_state_dict(resume_ckpt["scaler"])
-    step = resume_ckpt["step"]
-    set_rng_state(resume_ckpt["rng"], generator)
-    guard.saved(step)
-    if rt.is_main:
-        print(f"resumed at step {step}")
-if cfg.compile:
-    model = torch.compile(model, mode=cfg.compile_mode)  # the training forward; scoring afterwards uses the plain one
-model = wrap_ddp(model, rt)
+    step = restore(resume_ckpt, rt, guard, {"model": model, "optimizer": optimizer}, generator)
+rm = model  # the plain module: scoring after training uses it
+model = for_training(model, cfg, rt)  # the training forward (--compile, DDP)
 
 
 def batch_of(groups):
@@ -166,30 +153,24 @@ def evaluate(eval_groups):
     return sum(losses) / len(hits), float(np.mean(hits))
 
 
-def save(**finished):
+def save(step, **finished):
     """A checkpoint to resume training from; the finished one adds the normaliser and the report."""
-    if rt.is_main:
-        save_checkpoint(cfg.out_dir, {
-            "stage": "rm", "model": unwrap(model).state_dict(), "model_config": asdict(unwrap(model).gpt.config),
-            "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": step,
-            "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
-            "rng": rng_state(generator), "prefs": cfg.prefs or prefs_path,
-            "prefs_digest": digest, "val_groups": sorted(val_groups, key=str), **finished})
-    guard.saved(step)
+    save_checkpoint(cfg.out_dir, {
+        "stage": "rm", "model": rm.state_dict(), "model_config": asdict(rm.gpt.config),
+        "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": step,
+        "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
+        "rng": rng_state(generator), "prefs": cfg.prefs or prefs_path,
+        "prefs_digest": digest, "val_groups": sorted(val_groups, key=str), **finished})
 
 
 # ---------------------------------------------------------------- Bradley-Terry training
-log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
-if resume_ckpt is not None:
-    log.keep_until(step)
 model.train()
-stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
+run = start_loop(cfg, rt, guard, step, resumed=resume_ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
 t_last = time.time()
 while step < total_steps:
     batch = batch_of([train_batches[j] for j in epoch_batch(len(train_batches), cfg.batch_size, step, cfg.seed, rt)])
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, total_steps // 10))  # warmup over the first tenth, then flat
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    lr = warmup_lr(cfg.lr, step, total_steps)
+    set_lr(optimizer, lr)
     weights = batch[-1]  # 1 / C(k, 2) per pair: each prompt counts once
     with rt.autocast():
         r_c, r_r = group_scores(model, batch)
@@ -201,45 +182,27 @@ while step < total_steps:
     metrics = {"loss": float(all_reduce_mean(loss.detach(), rt)),
                "acc": float(all_reduce_mean(ranked_right(r_c, r_r).mean(), rt)), "lr": lr, "grad_norm": grad_norm}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
-    if guard.skipped:
-        metrics["skipped_steps"] = guard.skipped
     if step % steps_per_epoch == 0 or step == total_steps:
         metrics["val_loss"], metrics["val_acc"] = evaluate(val_batches)
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
-    if step % cfg.log_every == 0 or "val_acc" in metrics:
-        log.log(step, **metrics)
-    if "val_acc" in metrics and guard.can_save(metrics["val_loss"]):
-        save()  # every epoch; a good checkpoint is never replaced by a bad one
-    if stop.requested(rt):
-        save()
-        stop.exit(ckpt_path(cfg.out_dir), step)
-stop.release()
+    end_step(run, step, metrics, save, log_due=step % cfg.log_every == 0 or "val_acc" in metrics,
+             save_due="val_acc" in metrics, finite=(metrics.get("val_loss", 0.0),))  # every epoch
+end_loop(run)
 train_rng = rng_state(generator)  # the finished checkpoint resumes into the same normalisation samples
 
 # ---------------------------------------------------------------- normalise on SFT samples, then report
-rm = unwrap(model).eval()
-
-
-@torch.no_grad()
-def rm_scores(sampled, gain=1.0, bias=0.0):
-    out = []
-    for b in sampled["batches"]:
-        with rt.autocast():
-            out.append(score(rm, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"]))
-    return gain * torch.cat(out).cpu() + bias
-
-
+rm.eval()
 norm_prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.norm_samples)]
 norm_sampled = sample_responses(policy, enc, norm_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                                 cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
-raw = rm_scores(norm_sampled)
+raw = normalised_scores(rm, 1.0, 0.0, norm_sampled["batches"], rt)  # 1 * raw + 0: the raw scores
 gain, bias = normaliser(raw)
-normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (DESIGN detail 11)
+normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (docs/design.md detail 11)
 eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_samples)]
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                          cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
-rewards = rm_scores(fresh, gain, bias).numpy()
+rewards = normalised_scores(rm, gain, bias, fresh["batches"], rt).numpy()
 gold = gold_scores(fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])
 val_loss, val_acc = evaluate(val_batches)
@@ -252,7 +215,7 @@ if cfg.rater_bias == "flowery":  # the taste itself: gushing words per 10 words 
     taste = np.array([bias_bonus(Rater("taste", 1.0, "flowery", 1.0), t) for t in fresh["texts"]])
     report.update(spearman_rm_flowery=spearman(rewards, taste), spearman_gold_flowery=spearman(gold, taste))
 if rt.is_main:
-    log.log(step, **report)
+    run.log.log(step, **report)
     print(f"reward normalised on {len(normed)} {cfg.policy_dir or 'SFT'} samples: gain {gain:.3f}, bias {bias:.3f} "
           f"-> mean {report['norm_mean']:.3f}, std {report['norm_std']:.3f}")
     print(f"held-out pairwise accuracy: RM {val_acc:.3f} vs gold judge {gold_acc:.3f} on the same noisy labels "
@@ -270,8 +233,8 @@ if rt.is_main:
                     "reward": float(r_c), "gold": float(gold_scores([example["chosen"]], [example.get("chosen_ended", True)])[0])},
                    {"prompt": example["prompt"], "response": "[REJECTED] " + example["rejected"],
                     "reward": float(r_r), "gold": float(gold_scores([example["rejected"]], [example.get("rejected_ended", True)])[0])}])
-    save(rng=train_rng, gain=gain, bias=bias, report=report)
-    plot_metrics(log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
+    save_step(run, lambda step: save(step, rng=train_rng, gain=gain, bias=bias, report=report), step)
+    plot_metrics(run.log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")
     print(f"saved {cfg.out_dir}/ckpt.pt, prefs.jsonl, metrics.jsonl, accuracy.png")
 finish_ddp()

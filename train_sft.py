@@ -6,7 +6,6 @@ python train_sft.py --resume        # continue out/sft/ckpt.pt exactly
 
 Reads top to bottom: config -> data and tokenizer -> model -> loop -> save.
 """
-import math
 import os
 import time
 from dataclasses import asdict
@@ -15,17 +14,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_resume, rng_state, save_checkpoint, set_rng_state
-from nanorlhf.config import SFTConfig, parse_config, print_config, setup_runtime
+from nanorlhf.checkpoint import CheckpointError, load_resume, rng_state, save_checkpoint
+from nanorlhf.config import SFTConfig, parse_config, print_config
 from nanorlhf.data import DATA_DIR, encode_prompts, encode_stories, left_pad, load_corpus, split_prompt, \
     story_batch, train_val_stories
-from nanorlhf.metrics import MetricsLog, plot_metrics, print_samples
+from nanorlhf.distributed import all_reduce_mean, finish_ddp, global_mean_denominator, unwrap, wrap_ddp
+from nanorlhf.flops import peak_flops, training_speed
+from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
+from nanorlhf.optim import backward, cosine_lr, make_optimizer, optimizer_step, set_lr
+from nanorlhf.runtime import end_loop, end_step, make_guard, restore, setup_runtime, start_loop
 from nanorlhf.sampler import generate
-from nanorlhf.throughput import peak_flops, training_speed
 from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
-from nanorlhf.train import NonFiniteGuard, StopOnSignal, all_reduce_mean, backward, finish_ddp, \
-    global_mean_denominator, make_optimizer, optimizer_step, unwrap, wrap_ddp
 
 cfg = parse_config(SFTConfig, "sft", description=__doc__)
 rt = setup_runtime(cfg)
@@ -83,32 +83,16 @@ step = 0
 data_rng = np.random.default_rng(cfg.seed)  # the same on every rank: each takes its slice of a global batch
 val_loss = None
 best_val_loss, best_step = float("inf"), 0  # the checkpoint keeps the best validation loss (see the loop)
-guard = NonFiniteGuard(cfg.max_bad_steps, ckpt_path(cfg.out_dir), {"lr": cfg.lr}, rt.dtype)
+guard = make_guard(cfg, rt, {"lr": cfg.lr})
 if resume_ckpt is not None:  # everything the next step depends on: weights, Adam moments, data order, RNGs
-    model.load_state_dict(resume_ckpt["model"])
-    optimizer.load_state_dict(resume_ckpt["optimizer"])
-    if rt.scaler is not None and resume_ckpt.get("scaler"):  # fp16: the loss scale it had reached
-        rt.scaler.load_state_dict(resume_ckpt["scaler"])
-    step, val_loss = resume_ckpt["step"], resume_ckpt["val_loss"]
+    step = best_step = restore(resume_ckpt, rt, guard, {"model": model, "optimizer": optimizer})
+    val_loss = resume_ckpt["val_loss"]
     best_val_loss = resume_ckpt.get("best_val_loss", val_loss if val_loss is not None else float("inf"))
-    best_step = step
     data_rng.bit_generator.state = resume_ckpt["data_rng"]
-    set_rng_state(resume_ckpt["rng"])
-    guard.saved(step)
-    if rt.is_main:
-        print(f"resumed from {cfg.out_dir}/ckpt.pt at step {step}")
 model = wrap_ddp(model, rt)
 if rt.is_main:
     print(f"model: {unwrap(model).num_params() / 1e6:.2f}M parameters | loss on "
           f"{'response tokens' if loss_on_response else 'whole stories'}")
-
-
-def lr_at(it):
-    # linear warmup, then cosine decay from lr to min_lr
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / cfg.warmup_iters
-    progress = min((it - cfg.warmup_iters) / max(cfg.max_iters - cfg.warmup_iters, 1), 1.0)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def token_nll(model, x, y):
@@ -162,9 +146,7 @@ def print_continuations(n=2):
                    for p, t, m in zip(prompts, out["tokens"].cpu(), out["mask"].cpu())])
 
 
-def save():
-    if not rt.is_main:
-        return
+def save(step):
     state = unwrap(model).state_dict()
     save_checkpoint(cfg.out_dir, {
         "stage": "sft", "model": state, "model_config": {**asdict(unwrap(model).config), "dropout": 0.0},
@@ -172,21 +154,16 @@ def save():
         "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
         "rng": rng_state(), "data_rng": data_rng.bit_generator.state,
         "val_loss": val_loss, "best_val_loss": best_val_loss, "unigram_entropy": unigram_entropy})
-    guard.saved(step)
 
 
 # ---------------------------------------------------------------- training loop
-log = MetricsLog(cfg.out_dir, resume=cfg.resume, enabled=rt.is_main)
-if resume_ckpt is not None:
-    log.keep_until(step)  # records a killed run logged after its last checkpoint are logged again below
 model.train()
-stop = StopOnSignal()  # Ctrl-C: finish the step, save, exit
+run = start_loop(cfg, rt, guard, step, resumed=resume_ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
 t_last = time.time()
 peak = peak_flops(rt.device, rt.dtype)  # None on CPUs and unknown GPUs: no MFU then
 while step < cfg.max_iters:
-    lr = lr_at(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+    set_lr(optimizer, lr)
     total, t_step = 0.0, time.time()
     batches = [make_batch(train_seqs, train_prompt_lens,
                           data_rng.integers(0, len(train_seqs), cfg.batch_size)[rt.rank::rt.world_size])
@@ -203,44 +180,33 @@ while step < cfg.max_iters:
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)  # float(grad_norm) waits for the GPU
     step += 1
     # the speed of the training step alone (not evaluation or sampling): tokens/s over all ranks, and the
-    # MFU of this rank's GPU where its peak FLOP/s is known (throughput.PEAK_FLOPS: H100, H200, A100)
+    # MFU of this rank's GPU where its peak FLOP/s is known (flops.PEAK_FLOPS: H100, H200, A100)
     tok_per_s, mfu = training_speed(unwrap(model), [batch[0].shape for batch in batches], time.time() - t_step, peak)
     metrics = {"loss": float(all_reduce_mean(total, rt)), "lr": lr, "grad_norm": grad_norm,
                "tok_per_s": float(all_reduce_mean(torch.tensor(tok_per_s), rt)) * rt.world_size,  # all ranks'
                **({"mfu": mfu} if mfu is not None else {})}
     guard.check(step, metrics["loss"], finite, rt.scaler)  # a bad step was skipped; stops after max_bad_steps
-    if guard.skipped:
-        metrics["skipped_steps"] = guard.skipped
-    if step % cfg.eval_every == 0 or step == cfg.max_iters:
+    evaluated = step % cfg.eval_every == 0 or step == cfg.max_iters
+    if evaluated:
         val_loss = validation_loss()
         metrics.update(val_loss=val_loss, unigram_entropy=unigram_entropy)
+    elif run.stop.requested(rt):  # Ctrl-C: a stop saves only a better fit, so measure it
+        val_loss, evaluated = validation_loss(), True
     metrics["time_s"] = time.time() - t_last
     t_last = time.time()
-    if step % cfg.log_every == 0 or "val_loss" in metrics:
-        log.log(step, **metrics)
     # a good checkpoint is never replaced by a bad one, nor by a worse fit: once the validation loss rises
     # (the model memorises the training stories) the checkpoint stays at the best step
-    if "val_loss" in metrics and guard.can_save(val_loss) and val_loss < best_val_loss:
+    better = evaluated and guard.can_save(val_loss) and val_loss < best_val_loss
+    if better:
         best_val_loss, best_step = val_loss, step
-        save()
-    if stop.requested(rt):  # Ctrl-C: the checkpoint stays the best one, so it is replaced only by a better fit
-        if "val_loss" not in metrics:
-            val_loss = validation_loss()
-        if guard.can_save(val_loss) and val_loss < best_val_loss:
-            best_val_loss, best_step = val_loss, step
-            save()
-        elif guard.saved_step is None:  # nothing good to keep yet (a non-finite validation loss)
-            raise SystemExit(f"stopped at step {step} without a checkpoint: the validation loss is {val_loss}")
-        else:
-            print(f"validation loss {val_loss:.3f} at step {step} is above step {best_step}'s {best_val_loss:.3f}: "
-                  f"the checkpoint stays at step {best_step}")
-        stop.exit(ckpt_path(cfg.out_dir), step, best_step)
+    end_step(run, step, metrics, save, log_due=step % cfg.log_every == 0 or "val_loss" in metrics,
+             save_due=better, stop_save=better)
     if rt.is_main and (step % cfg.sample_every == 0 or step == cfg.max_iters):
         print_continuations()
-stop.release()
+end_loop(run)
 
 if rt.is_main:
-    plot_metrics(log.path, [["loss", "val_loss", "unigram_entropy"]], os.path.join(cfg.out_dir, "loss.png"),
+    plot_metrics(run.log.path, [["loss", "val_loss", "unigram_entropy"]], os.path.join(cfg.out_dir, "loss.png"),
                  "SFT loss (nats/token)")
     if best_step < step:
         print(f"validation loss rose after step {best_step} (to {val_loss:.3f} at step {step}): the checkpoint "

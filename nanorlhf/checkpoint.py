@@ -7,7 +7,6 @@ previous checkpoint whole. Loading checks the zip archive and its CRC-32s first,
 torch.load(weights_only=True): a checkpoint can hold tensors and plain python values, never
 code, so a file from a stranger cannot run anything.
 """
-import contextlib
 import os
 import pickle
 import random
@@ -15,6 +14,10 @@ import zipfile
 
 import numpy as np
 import torch
+
+from nanorlhf.io import atomic_write
+from nanorlhf.model import GPT, GPTConfig, ScalarGPT
+from nanorlhf.tokenizer import same_tokenizer, tokenizer_from_state
 
 # the command that makes each stage's checkpoint, for error messages
 MAKES = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py",
@@ -27,49 +30,6 @@ class CheckpointError(RuntimeError):
 
 def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.pt")
-
-
-def atomic_write(path, write_fn):
-    """Write via write_fn(file) to a temporary file in the same directory, flush,
-    fsync, then rename over path: a crash leaves either the old file or the new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    remove_stale_temps(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temps(path):
-    """Delete the path.tmp<pid> files of processes that no longer run: a run killed mid-write
-    leaves its temporary file behind, and each can be as large as a checkpoint."""
-    folder, name = os.path.split(os.fspath(path))
-    for entry in os.listdir(folder or "."):
-        pid = entry[len(name) + 4:]
-        if entry.startswith(name + ".tmp") and pid.isdigit() and not _process_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, entry))
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def save_checkpoint(out_dir, ckpt):
@@ -189,8 +149,6 @@ def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
     dpo) are GPTs; reward models (rm) are ScalarGPTs. tokenizer_of: another checkpoint
     whose tokenizer this one must share. flag: as load_checkpoint. fits: a config whose
     max_prompt_tokens + max_new_tokens the model's block_size must hold."""
-    from nanorlhf.model import GPT, GPTConfig, ScalarGPT
-    from nanorlhf.tokenizer import same_tokenizer, tokenizer_from_state
     ckpt = load_checkpoint(out_dir, stage, flag)
     block_size = ckpt["model_config"]["block_size"]
     if fits is not None and fits.max_prompt_tokens + fits.max_new_tokens > block_size:
@@ -204,7 +162,7 @@ def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
         raise CheckpointError(f"the reward model in {out_dir} stopped at step {ckpt['step']}, before it finished: "
                               f"rerun the command that made it with --resume "
                               f"(`{MAKES['rm']} --resume --out_dir {out_dir}`)")
-    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (DESIGN detail 9)
+    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (docs/design.md detail 9)
     model = ScalarGPT(config) if stage == "rm" else GPT(config)
     try:
         model.load_state_dict(ckpt["model"])
@@ -215,3 +173,15 @@ def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
         raise CheckpointError(f"{out_dir}/ckpt.pt: tokenizer has {enc.n_vocab} tokens but the model "
                               f"{config.vocab_size}: the checkpoint is inconsistent; retrain it")
     return model.to(device), enc, ckpt
+
+
+def load_policy(out_dir, device, tokenizer_of=None, flag="--ckpt"):
+    """A policy checkpoint of any stage (sft, ppo, dpo), the stage read from the file; a reward model is
+    refused. Returns model, tokenizer, checkpoint dict, as load_model."""
+    if not os.path.exists(ckpt_path(out_dir)):
+        raise CheckpointError(f"no checkpoint at {ckpt_path(out_dir)}: pass a dir that train_sft.py, train_ppo.py "
+                              f"or train_dpo.py wrote")
+    stage = load_checkpoint(out_dir)["stage"]
+    if stage == "rm":
+        raise CheckpointError(f"{out_dir} holds a reward model, not a policy: pass an sft, ppo or dpo dir in {flag}")
+    return load_model(out_dir, stage, device, tokenizer_of)

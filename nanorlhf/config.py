@@ -1,19 +1,13 @@
-"""Configs, presets and the run-time set-up (device, precision, seeds, DDP) decided once.
+"""Configs and presets: one dataclass of settings per script.
 
-Each script has one dataclass of settings; every field is a --flag of the same
-name. The order of precedence: dataclass default < preset < command line.
+Every field is a --flag of the same name, and its help text sits beside its default
+(arg(default, help)). The order of precedence: dataclass default < preset < command line.
 """
 import argparse
-import contextlib
 import dataclasses
-import inspect
 import os
-import random
-import re
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from nanorlhf.data import FULL_PATH
@@ -74,135 +68,148 @@ PRESETS = {
 }
 
 
+def arg(default, help):
+    """A config field with its --help text: the same words a reader sees beside the default."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class CommonConfig:
     """Settings every stage shares: data, tokenizer, model shape, run-time."""
-    preset: str = ""  # tiny | cpu | gpu; empty means gpu when CUDA is present, else cpu
-    out_dir: str = ""  # where checkpoints, metrics and plots go; empty means out/<stage>
-    seed: int = 1337  # seeds python, numpy and torch
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)
-    compile_mode: str = "default"  # with --compile: default | max-autotune-no-cudagraphs (tunes kernels: minutes)
-    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, ~30% slower
-    resume: bool = False  # continue from out_dir/ckpt.pt
-    dataset: str = "auto"  # auto | sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path
-    tokenizer: str = "bpe"  # bpe (trained on the corpus) | gpt2 (tiktoken's GPT-2 encoding)
-    vocab_size: int = 2048  # BPE vocabulary size including <|endoftext|>
-    tokenizer_chars: int = 0  # train the BPE on the first N characters only (0 = all)
-    block_size: int = 256  # longest sequence the model sees (prompt + response)
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads
-    n_embd: int = 192  # model width
-    max_prompt_tokens: int = 32  # prompts are cut to their last N tokens (with a warning)
-    max_new_tokens: int = 224  # longest response
-    sample_batch: int = 64  # prompts sampled at once when collecting responses (RM data, evaluation)
-    temperature: float = 1.0  # sampling temperature; divides the logits in every logprob pass too
-    log_every: int = 1  # console/JSONL line every N steps
-    max_bad_steps: int = 5  # stop after this many optimizer steps in a row with a non-finite loss or gradient
+    preset: str = arg("", "tiny | cpu | gpu; empty means gpu when CUDA is present, else cpu")
+    out_dir: str = arg("", "where checkpoints, metrics and plots go; empty means out/<stage>")
+    seed: int = arg(1337, "seeds python, numpy and torch")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | float32 | bfloat16 | float16")
+    compile: bool = arg(False,
+                        "torch.compile training (SFT: with its loss) and PPO's rollout step (a CUDA graph on GPU)")
+    compile_mode: str = arg("default", "with --compile: default | max-autotune-no-cudagraphs (tunes kernels: minutes)")
+    grad_checkpoint: bool = arg(False,
+                                "recompute each block's activations in the backward pass: less memory, ~30% slower")
+    resume: bool = arg(False, "continue from out_dir/ckpt.pt")
+    dataset: str = arg("auto", "auto | sample (data/tinystories_sample.txt) | tinystories_full (downloaded) | a path")
+    tokenizer: str = arg("bpe", "bpe (trained on the corpus) | gpt2 (tiktoken's GPT-2 encoding)")
+    vocab_size: int = arg(2048, "BPE vocabulary size including <|endoftext|>")
+    tokenizer_chars: int = arg(0, "train the BPE on the first N characters only (0 = all)")
+    block_size: int = arg(256, "longest sequence the model sees (prompt + response)")
+    n_layer: int = arg(4, "transformer blocks")
+    n_head: int = arg(4, "attention heads")
+    n_embd: int = arg(192, "model width")
+    max_prompt_tokens: int = arg(32, "prompts are cut to their last N tokens (with a warning)")
+    max_new_tokens: int = arg(224, "longest response")
+    sample_batch: int = arg(64, "prompts sampled at once when collecting responses (RM data, evaluation)")
+    temperature: float = arg(1.0, "sampling temperature; divides the logits in every logprob pass too")
+    log_every: int = arg(1, "console/JSONL line every N steps")
+    max_bad_steps: int = arg(5, "stop after this many optimizer steps in a row with a non-finite loss or gradient")
 
 
 @dataclass
 class SFTConfig(CommonConfig):
-    init_from: str = "scratch"  # scratch | gpt2 (Hugging Face GPT-2 weights, needs internet once)
-    loss_on: str = "auto"  # all tokens of the story | response tokens only | auto (all from scratch, else response)
-    batch_size: int = 16  # stories per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 800  # optimizer steps
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine
-    warmup_iters: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW weight decay on matrices
-    grad_clip: float = 1.0  # clip the gradient norm at this
-    eval_every: int = 100  # validation loss every N steps
-    eval_iters: int = 8  # validation batches per evaluation
-    sample_every: int = 100  # print a prompt and the model's continuation every N steps
-    sft_dropout: float = 0.1  # dropout while training from scratch (the saved model runs with dropout 0)
+    init_from: str = arg("scratch", "scratch | gpt2 (Hugging Face GPT-2 weights, needs internet once)")
+    loss_on: str = arg("auto",
+                       "all tokens of the story | response tokens only | auto (all from scratch, else response)")
+    batch_size: int = arg(16, "stories per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    max_iters: int = arg(800, "optimizer steps")
+    lr: float = arg(1e-3, "peak learning rate")
+    min_lr: float = arg(1e-4, "learning rate at the end of the cosine")
+    warmup_iters: int = arg(50, "linear warmup steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
+    eval_every: int = arg(100, "validation loss every N steps")
+    eval_iters: int = arg(8, "validation batches per evaluation")
+    sample_every: int = arg(100, "print a prompt and the model's continuation every N steps")
+    sft_dropout: float = arg(0.1, "dropout while training from scratch (the saved model runs with dropout 0)")
 
 
 @dataclass
 class RMConfig(CommonConfig):
-    sft_dir: str = "out/sft"  # the SFT checkpoint the reward model starts from
-    prefs: str = ""  # a JSONL preference file to train on; empty = simulate raters on SFT samples
-    policy_dir: str = ""  # iterated RLHF: compare samples of this policy (empty = SFT); the RM still starts from SFT
-    extra_prefs: str = ""  # iterated RLHF: earlier pairs (a prefs.jsonl) added to the new ones; prefs.jsonl keeps both
-    n_prompts: int = 2000  # prompts to collect simulated comparisons on
-    k_responses: int = 4  # responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs
-    n_raters: int = 5  # simulated raters in the pool
-    rater_noise_low: float = 0.02  # the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)
-    rater_noise_high: float = 0.2  # the noisiest rater's noise
-    rater_bias: str = ""  # "" | length | flowery: a hidden taste the raters share
-    rater_bias_weight: float = 0.2  # how strong that taste is (gold's sentiment has std ~0.16 on stories)
-    val_fraction: float = 0.1  # share of prompts held out for validation
-    batch_size: int = 16  # prompts per step, each with all its pairs (k responses, one forward pass each)
-    epochs: int = 2  # passes over the pairs
-    lr: float = 3e-4  # learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient norm at this
-    norm_samples: int = 256  # fresh SFT samples used to normalise the reward to mean 0, std 1
-    eval_samples: int = 512  # fresh SFT samples for the RM-vs-gold Spearman correlation
+    sft_dir: str = arg("out/sft", "the SFT checkpoint the reward model starts from")
+    prefs: str = arg("", "a JSONL preference file to train on; empty = simulate raters on SFT samples")
+    policy_dir: str = arg("",
+                          "iterated RLHF: compare samples of this policy (empty = SFT); the RM still starts from SFT")
+    extra_prefs: str = arg("",
+                           "iterated RLHF: earlier pairs (a prefs.jsonl) added to the new ones; prefs.jsonl keeps both")
+    n_prompts: int = arg(2000, "prompts to collect simulated comparisons on")
+    k_responses: int = arg(4, "responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs")
+    n_raters: int = arg(5, "simulated raters in the pool")
+    rater_noise_low: float = arg(0.02,
+                                 "the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)")
+    rater_noise_high: float = arg(0.2, "the noisiest rater's noise")
+    rater_bias: str = arg("", "\"\" | length | flowery: a hidden taste the raters share")
+    rater_bias_weight: float = arg(0.2, "how strong that taste is (gold's sentiment has std ~0.16 on stories)")
+    val_fraction: float = arg(0.1, "share of prompts held out for validation")
+    batch_size: int = arg(16, "prompts per step, each with all its pairs (k responses, one forward pass each)")
+    epochs: int = arg(2, "passes over the pairs")
+    lr: float = arg(3e-4, "learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
+    norm_samples: int = arg(256, "fresh SFT samples used to normalise the reward to mean 0, std 1")
+    eval_samples: int = arg(512, "fresh SFT samples for the RM-vs-gold Spearman correlation")
 
 
 @dataclass
 class PPOConfig(CommonConfig):
-    sft_dir: str = "out/sft"  # policy and reference start here
-    rm_dir: str = "out/rm"  # the reward model (value model starts from it)
-    iterations: int = 30  # rollout + learn cycles
-    rollout_batch: int = 64  # prompts per iteration
-    n_minibatches: int = 4  # minibatches per PPO epoch
-    ppo_epochs: int = 4  # passes over each rollout batch (DESIGN detail 7)
-    lr: float = 5e-5  # policy learning rate
-    value_lr: float = 1e-4  # value model learning rate
-    grad_clip: float = 1.0  # clip the gradient norm at this
-    init_kl_coef: float = 0.1  # initial beta of the KL penalty
-    adaptive_kl: bool = True  # adapt beta towards target_kl (Ziegler et al. 2019)
-    target_kl: float = 6.0  # nats per response
-    kl_horizon: int = 10000  # horizon of the adaptive KL controller
-    gamma: float = 1.0  # discount (DESIGN detail 5)
-    lam: float = 0.95  # GAE lambda
-    clip_range: float = 0.2  # PPO ratio clip
-    clip_range_value: float = 0.2  # value clip
-    vf_coef: float = 0.1  # value loss coefficient
-    no_eos_penalty: float = -1.0  # RM score given to responses that never emit <|endoftext|>
-    eval_prompts: int = 128  # held-out prompts for the final gold evaluation
-    sample_every: int = 5  # print a table of samples every N iterations
-    save_every: int = 5  # checkpoint every N iterations
-    init_policy: str = ""  # iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)
+    sft_dir: str = arg("out/sft", "policy and reference start here")
+    rm_dir: str = arg("out/rm", "the reward model (value model starts from it)")
+    iterations: int = arg(30, "rollout + learn cycles")
+    rollout_batch: int = arg(64, "prompts per iteration")
+    n_minibatches: int = arg(4, "minibatches per PPO epoch")
+    ppo_epochs: int = arg(4, "passes over each rollout batch (docs/design.md detail 7)")
+    lr: float = arg(5e-5, "policy learning rate")
+    value_lr: float = arg(1e-4, "value model learning rate")
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
+    init_kl_coef: float = arg(0.1, "initial beta of the KL penalty")
+    adaptive_kl: bool = arg(True, "adapt beta towards target_kl (Ziegler et al. 2019)")
+    target_kl: float = arg(6.0, "nats per response")
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller")
+    gamma: float = arg(1.0, "discount (docs/design.md detail 5)")
+    lam: float = arg(0.95, "GAE lambda")
+    clip_range: float = arg(0.2, "PPO ratio clip")
+    clip_range_value: float = arg(0.2, "value clip")
+    vf_coef: float = arg(0.1, "value loss coefficient")
+    no_eos_penalty: float = arg(-1.0, "RM score given to responses that never emit <|endoftext|>")
+    eval_prompts: int = arg(128, "held-out prompts for the final gold evaluation")
+    sample_every: int = arg(5, "print a table of samples every N iterations")
+    save_every: int = arg(5, "checkpoint every N iterations")
+    init_policy: str = arg("", "iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)")
 
 
 @dataclass
 class DPOConfig(CommonConfig):
-    sft_dir: str = "out/sft"  # policy and reference start here
-    rm_dir: str = "out/rm"  # where the preference pairs the RM used are stored (prefs.jsonl)
-    prefs: str = ""  # a preference file; empty = out/rm/prefs.jsonl
-    beta: float = 0.1  # DPO temperature (Rafailov et al. 2023)
-    batch_size: int = 16  # pairs per step
-    max_iters: int = 200  # optimizer steps
-    lr: float = 1e-5  # learning rate
-    grad_clip: float = 1.0  # clip the gradient norm at this
+    sft_dir: str = arg("out/sft", "policy and reference start here")
+    rm_dir: str = arg("out/rm", "where the preference pairs the RM used are stored (prefs.jsonl)")
+    prefs: str = arg("", "a preference file; empty = out/rm/prefs.jsonl")
+    beta: float = arg(0.1, "DPO temperature (Rafailov et al. 2023)")
+    val_fraction: float = arg(0.1, "share of prompts (groups of pairs) held out for validation, as train_rm's")
+    batch_size: int = arg(16, "pairs per step")
+    max_iters: int = arg(200, "optimizer steps")
+    lr: float = arg(1e-5, "learning rate")
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
 
 
 @dataclass
 class EvalConfig(CommonConfig):
-    sft_dir: str = "out/sft"  # the reference: KL and win rate are against it, best-of-n samples from it
-    rm_dir: str = "out/rm"  # the reward model: the reward column and best-of-n's pick
-    ckpts: str = "out/sft,out/ppo,out/dpo"  # policy checkpoint dirs, comma-separated; missing ones are skipped
-    bon: str = "1,4,16"  # best-of-n from the SFT policy for each n, comma-separated; empty = none
-    n_prompts: int = 128  # held-out prompts (first sentences of validation stories) every method answers
-    n_samples: int = 3  # prompts whose responses from every method are shown side by side
-    no_eos_penalty: float = -1.0  # best-of-n ranks a response that never ended at this reward, as PPO does
+    sft_dir: str = arg("out/sft", "the reference: KL and win rate are against it, best-of-n samples from it")
+    rm_dir: str = arg("out/rm", "the reward model: the reward column and best-of-n's pick")
+    ckpts: str = arg("out/sft,out/ppo,out/dpo", "policy checkpoint dirs, comma-separated; missing ones are skipped")
+    bon: str = arg("1,4,16", "best-of-n from the SFT policy for each n, comma-separated; empty = none")
+    n_prompts: int = arg(128, "held-out prompts (first sentences of validation stories) every method answers")
+    n_samples: int = arg(3, "prompts whose responses from every method are shown side by side")
+    no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
 
 
 @dataclass
 class StudyConfig(CommonConfig):
-    sft_dir: str = ""  # the SFT checkpoint every run starts from; empty = out_dir/sft, trained if missing
-    rater_bias: str = "length,flowery"  # the raters' hidden taste, one reward model and curve each (none = no bias)
-    rater_bias_weight: float = 0.2  # strength of that taste (train_rm.py --rater_bias_weight)
-    iterations: int = 90  # PPO iterations per run; rounds splits them into rounds + 1 segments
-    kl_coef: float = 0.01  # the weak, fixed KL penalty of overoptimization and rounds
-    betas: str = "0.01,0.03,0.1,0.3"  # beta_sweep: one PPO run per fixed KL coefficient
-    rounds: int = 2  # rounds: extra rounds of fresh preferences on the current policy
-    eval_prompts: int = 128  # held-out prompts for every PPO run's final evaluation and each round's measures
+    sft_dir: str = arg("", "the SFT checkpoint every run starts from; empty = out_dir/sft, trained if missing")
+    rater_bias: str = arg("length,flowery",
+                          "the raters' hidden taste, one reward model and curve each (none = no bias)")
+    rater_bias_weight: float = arg(0.2, "strength of that taste (train_rm.py --rater_bias_weight)")
+    iterations: int = arg(90, "PPO iterations per run; rounds splits them into rounds + 1 segments")
+    kl_coef: float = arg(0.01, "the weak, fixed KL penalty of overoptimization and rounds")
+    betas: str = arg("0.01,0.03,0.1,0.3", "beta_sweep: one PPO run per fixed KL coefficient")
+    rounds: int = arg(2, "rounds: extra rounds of fresh preferences on the current policy")
+    eval_prompts: int = arg(128, "held-out prompts for every PPO run's final evaluation and each round's measures")
 
 
 def _str2bool(s):
@@ -217,24 +224,12 @@ def default_preset():
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _field_comments(cls):
-    """The comment after each field in the dataclass source: it becomes the --help text."""
-    comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-            if m:
-                comments[m.group(1)] = m.group(2)
-    return comments
-
-
 def parse_config(cls, stage, argv=None, description=None):
     """Build cls from its defaults, the preset and the command line (every field is a --flag)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        comment = f"{comments.get(f.name, '')} (default {f.default!r}, or the preset's)"
+        comment = f"{f.metadata.get('help', '')} (default {f.default!r}, or the preset's)"
         comment = comment.replace("%", "%%")  # argparse %-formats its help strings
         kind = _str2bool if f.type in (bool, "bool") else type(f.default)
         parser.add_argument(f"--{f.name}", type=kind, default=None, nargs="?" if kind is _str2bool else None,
@@ -308,9 +303,9 @@ def check_config(cfg):
                          f"({cfg.n_minibatches})")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0")
-    # the reward model's settings, checked before minutes of sampling responses
-    if isinstance(cfg, RMConfig) and not 0 < cfg.val_fraction < 1:
+    if hasattr(cfg, "val_fraction") and not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
+    # the reward model's settings, checked before minutes of sampling responses
     if isinstance(cfg, RMConfig) and cfg.norm_samples < 2:
         raise ValueError(f"norm_samples must be >= 2 (the reward is scaled by their spread), got {cfg.norm_samples}")
     if isinstance(cfg, RMConfig) and not cfg.prefs:
@@ -325,82 +320,6 @@ def check_config(cfg):
                              f"{cfg.rater_noise_high}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
-
-
-@dataclass
-class Runtime:
-    """Device and precision, decided once. autocast() wraps every forward pass."""
-    device: torch.device
-    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
-    rank: int = 0
-    world_size: int = 1
-    scaler: object = field(default=None, repr=False)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-def _plain_warning(message, category, filename, lineno, line=None):
-    return f"{category.__name__}: {message}\n"  # a notice for the user, not a source line to debug
-
-
-def setup_runtime(cfg):
-    """Pick device and precision, seed everything, and join DDP when launched by torchrun."""
-    warnings.formatwarning = _plain_warning  # the scripts' warnings (a prompt cut to fit) print as one plain line
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
-        raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
-    if world_size > 1:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    device = torch.device(device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if cfg.dtype == "auto":
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32  # bf16 autocast is slower than fp32 on most CPUs (bench.py measures it)
-    elif dtype is None:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}: auto | float32 | bfloat16 | float16")
-    if dtype == torch.float16 and device.type != "cuda":
-        # fp16 needs loss scaling, and torch's GradScaler works on CUDA only (elsewhere it switches itself off
-        # and steps with non-finite gradients): refuse rather than train on unscaled fp16 gradients
-        raise SystemExit(f"--dtype float16 needs a CUDA GPU (its loss scaling runs there); on {device.type} use "
-                         f"--dtype bfloat16 or float32")
-    if device.type == "cuda":
-        set_cuda_kernels()
-    seed_everything(cfg.seed + rank)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Runtime(device=device, dtype=dtype, rank=rank, world_size=world_size, scaler=scaler)
-
-
-def set_cuda_kernels():
-    """TF32 for fp32 matrix products, and no cuDNN attention. cuDNN's attention kernel builds a plan for
-    each new shape: a rollout's key width grows by one every step, and each new prompt width brings 256
-    new shapes (on an H100 with torch 2.11 some PPO rollouts took 14 s instead of 1.4 s; none did with it
-    off). SDPA's flash and memory-efficient kernels need no plan."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def print_config(cfg):

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import atomic_write
+from nanorlhf.io import atomic_write
 from nanorlhf.tokenizer import EOT, tokenizer_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,3 +276,11 @@ def _verify(path, sha256):
     if _sha256(path) != recorded:
         raise RuntimeError(f"{path} does not match its checksum {recorded}: delete it and download again")
     return True
+
+
+def load_prompts(dataset, n_eval):
+    """Training prompts (the first sentences of the training stories) and n_eval held-out prompts (of the
+    validation stories, repeated when there are fewer)."""
+    train_stories, val_stories = train_val_stories(load_corpus(dataset))
+    train_prompts = [split_prompt(s)[0] for s in train_stories]
+    return train_prompts, [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(n_eval)]

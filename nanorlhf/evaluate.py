@@ -9,7 +9,8 @@ import torch
 
 from nanorlhf.judge import gold_scores
 from nanorlhf.model import response_logprobs
-from nanorlhf.reward import score
+from nanorlhf.metrics import print_samples
+from nanorlhf.reward import normalised_scores
 from nanorlhf.sampler import sample_responses
 
 
@@ -58,16 +59,6 @@ def best_of_n_kl(n):
 
 
 @torch.no_grad()
-def rm_rewards(rm, gain, bias, batches, rt):
-    """Normalised RM reward of every sampled response (the batches of sample_responses)."""
-    out = []
-    for b in batches:
-        with rt.autocast():
-            out.append(score(rm, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"]).float())
-    return (gain * torch.cat(out) + bias).cpu().numpy()
-
-
-@torch.no_grad()
 def kl_to_reference(policy, reference, batches, rt, temperature):
     """Per response: sum over its tokens of log pi(y_t) - log pi_ref(y_t), a sample of KL(pi || pi_ref)."""
     out = []
@@ -97,7 +88,7 @@ def evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, ge
     """Sample one response per prompt from policy and score it every way. Returns (row, samples)."""
     sampled = sample_responses(policy, enc, prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                                cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
-    rewards = rm_rewards(rm, gain, bias, sampled["batches"], rt) if rm is not None else None
+    rewards = normalised_scores(rm, gain, bias, sampled["batches"], rt).numpy() if rm is not None else None
     kl = kl_to_reference(policy, reference, sampled["batches"], rt, cfg.temperature) if reference is not None else None
     row, gold = evaluate_samples(sampled["texts"], sampled["ended"], rewards, kl, baseline_gold)
     sampled.update(gold=gold, rewards=rewards)
@@ -111,7 +102,7 @@ def evaluate_best_of_n(policy, rm, gain, bias, enc, prompts, n, cfg, rt, generat
     sampled = sample_responses(policy, enc, [p for p in prompts for _ in range(n)], cfg.max_prompt_tokens,
                                cfg.max_new_tokens, rt, cfg.temperature, batch_size=cfg.sample_batch,
                                generator=generator)
-    rewards = rm_rewards(rm, gain, bias, sampled["batches"], rt)  # (P * n,)
+    rewards = normalised_scores(rm, gain, bias, sampled["batches"], rt).numpy()  # (P * n,)
     picks = best_of_n_pick(np.where(sampled["ended"], rewards, cfg.no_eos_penalty), n)  # (P,)
     texts, ended = [sampled["texts"][i] for i in picks], [sampled["ended"][i] for i in picks]
     row, gold = evaluate_samples(texts, ended, rewards[picks], None, baseline_gold)
@@ -137,3 +128,27 @@ def agreement(row):
     """The RM-gold agreement cell: n/a when the gold judge tied every pair (no order to agree with)."""
     value = row.get("rm_gold_acc", float("nan"))
     return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def compare_to_reference(name, policy, reference, rm, gain, bias, enc, prompts, cfg, rt):
+    """The end of a training run: the reference (SFT) and the trained policy on the same held-out prompts
+    with the same random draws; prints both rows and a few side-by-side samples. -> the eval_* metrics."""
+    ref_row, ref_samples = evaluate_policy(reference, reference, rm, gain, bias, enc, prompts, cfg, rt,
+                                           torch.Generator(rt.device).manual_seed(cfg.seed + 1))
+    row, samples = evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt,
+                                   torch.Generator(rt.device).manual_seed(cfg.seed + 1),
+                                   baseline_gold=ref_samples["gold"])
+    print(f"held-out evaluation on {len(prompts)} prompts ({len(set(prompts))} distinct):")
+    print(format_row("SFT", ref_row))
+    print(format_row(name, row))
+    print_samples([{"prompt": p, "response": f"[{name}] {a}\n[SFT] {b}", f"gold_{name.lower()}": ga, "gold_sft": gb}
+                   for p, a, b, ga, gb in list(zip(prompts, samples["texts"], ref_samples["texts"],
+                                                   samples["gold"], ref_samples["gold"]))[:3]])
+    key = name.lower()
+    rest_of_table = {f"eval_{k}_{label}": r[k][0] if isinstance(r[k], tuple) else r[k]  # means, not their s.e.
+                     for label, r in (("sft", ref_row), (key, row))
+                     for k in ("rm_gold_acc", "distinct2", "length", "ended")}
+    return {"eval_gold_sft": ref_row["gold"][0], "eval_gold_sft_se": ref_row["gold"][1],
+            f"eval_gold_{key}": row["gold"][0], f"eval_gold_{key}_se": row["gold"][1],
+            "eval_win_rate": row["win_rate"][0], "eval_kl": row["kl"][0],
+            "eval_reward_sft": ref_row["reward"][0], f"eval_reward_{key}": row["reward"][0], **rest_of_table}

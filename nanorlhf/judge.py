@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanorlhf.data import SENTENCE_END  # the same sentence splitter that cuts prompts
+from nanorlhf.tokenizer import EOT
 
 # Subtracted per unit of repeated-3-gram share (in [0, 1)). The share grows towards 1
 # as a loop gets longer, so "happy happy happy ..." (sentiment near +1) falls below an
@@ -30,7 +31,6 @@ NO_END_PENALTY = 0.5
 # scores 0 and beats every slightly sad story, so the policy would learn to say nothing.
 EMPTY_PENALTY = 0.5
 
-EOT = "<|endoftext|>"
 INTENSIFIERS = {"very", "so", "really", "super"}  # the "flowery" bias also counts "!"
 
 _analyzer = None  # VADER's SentimentIntensityAnalyzer, created on first use

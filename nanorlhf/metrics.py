@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nanorlhf.checkpoint import atomic_write  # noqa: E402
+from nanorlhf.io import atomic_write  # noqa: E402
 
 
 def _fmt(v):

@@ -251,6 +251,13 @@ def response_logits(model, prompt, prompt_mask, response, response_mask):
     return logits[:, P - 1:-1]
 
 
+def response_values(model, prompt, prompt_mask, response, response_mask):
+    """A ScalarGPT's value V(s_t) for each response token t, read at the position that predicts it:
+    (B, N), in fp32 (PPO's value model)."""
+    idx, mask, pos = join_prompt_response(prompt, prompt_mask, response, response_mask)
+    return model(idx, position_ids=pos, attention_mask=mask)[:, prompt.size(1) - 1:-1].float()
+
+
 def response_logprobs(model, prompt, prompt_mask, response, response_mask, temperature=1.0):
     """log p(response_t | prompt, response_<t) at temperature, (B, N); 0 on padding."""
     logits = response_logits(model, prompt, prompt_mask, response, response_mask)

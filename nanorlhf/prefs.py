@@ -23,7 +23,19 @@ import hashlib
 import json
 import math
 
-from nanorlhf.checkpoint import atomic_write
+from nanorlhf.io import atomic_write
+
+
+def split_by_prompt(rows, val_fraction, rng, val_groups=None):
+    """Hold out whole prompts: the pairs of one prompt share a "group" (a row without one is its own group,
+    numbered by its row). val_fraction of the groups (at least one), drawn with rng, validate; val_groups:
+    the split of an interrupted run, reused. -> train_rows, val_rows, val_groups (a set)."""
+    if val_groups is None:
+        groups = sorted({r.get("group", i) for i, r in enumerate(rows)})
+        val_groups = set(rng.permutation(groups)[:max(1, int(len(groups) * val_fraction))].tolist())
+    val_rows = [r for i, r in enumerate(rows) if r.get("group", i) in val_groups]
+    train_rows = [r for i, r in enumerate(rows) if r.get("group", i) not in val_groups]
+    return train_rows, val_rows, val_groups
 
 
 class PreferenceFileError(ValueError):
@@ -118,6 +130,6 @@ def prefs_digest(rows):
 
 
 def write_prefs(path, rows):
-    """Write rows as JSONL atomically (checkpoint.atomic_write: a temp file in the same folder, fsync, rename)."""
+    """Write rows as JSONL atomically (io.atomic_write: a temp file in the same folder, fsync, rename)."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -41,6 +41,22 @@ def score(model, prompt, prompt_mask, response, response_mask):
     return values.float().gather(1, last_real_index(prompt_mask, response_mask)[:, None]).squeeze(1)
 
 
+def normalised_score(rm, gain, bias, prompt, prompt_mask, response, response_mask):
+    """The reward every user of a trained RM sees (PPO, best-of-n, evaluation, sample.py): gain * raw + bias,
+    with the checkpoint's gain and bias, which give mean 0 and std 1 on SFT samples (normaliser) (B,)."""
+    return gain * score(rm, prompt, prompt_mask, response, response_mask) + bias
+
+
+@torch.no_grad()
+def normalised_scores(rm, gain, bias, batches, rt):
+    """normalised_score of every response that sample_responses drew (its "batches"), on the CPU (M,)."""
+    raw = []
+    for b in batches:
+        with rt.autocast():
+            raw.append(score(rm, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"]))
+    return gain * torch.cat(raw).cpu() + bias
+
+
 def response_ids(enc, row, key, max_response_tokens):
     """The tokens of row[key] ("chosen" or "rejected"), cut to max_response_tokens,
     ending with <|endoftext|> when the response ended."""

@@ -15,6 +15,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from nanorlhf.data import encode_prompts, left_pad
+
 
 def filter_logits(logits, top_k=None, top_p=None):
     """Set logits outside the top-k / nucleus (top-p) set to -inf. (B, V) -> (B, V)
@@ -269,7 +271,6 @@ def sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt,
                      batch_size=64, generator=None, top_k=None, top_p=None):
     """Text in, text out: sample one response per prompt, batch_size prompts at a time.
     Returns {"texts", "ended"} lists and the padded tensors of each batch ("batches")."""
-    from nanorlhf.data import encode_prompts, left_pad  # data imports nothing from here
     texts, ended, batches = [], [], []
     was_training = model.training
     model.eval()

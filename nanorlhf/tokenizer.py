@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 import regex  # a tiktoken dependency; the GPT-2 pattern needs \p{L} classes
 import tiktoken
 
-from nanorlhf.checkpoint import atomic_write
+from nanorlhf.io import atomic_write
 
 EOT = "<|endoftext|>"
 

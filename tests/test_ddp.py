@@ -3,7 +3,7 @@ launches them) and gradient checkpointing.
 
 Two processes that each take half of a global batch must train exactly as one process that
 takes all of it: the loss is a mean over the tokens (or pairs) of the whole batch, not a mean
-of the ranks' means (nanorlhf.train.global_mean_denominator), and DDP averages the gradients."""
+of the ranks' means (nanorlhf.distributed.global_mean_denominator), and DDP averages the gradients."""
 import json
 import os
 import socket
@@ -15,8 +15,8 @@ import torch
 
 from conftest import make_gpt, make_scalar_gpt
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.config import Runtime
-from nanorlhf.train import epoch_batch
+from nanorlhf.distributed import epoch_batch
+from nanorlhf.runtime import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

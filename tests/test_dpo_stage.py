@@ -12,10 +12,10 @@ import torch
 from conftest import make_gpt
 
 from nanorlhf.checkpoint import load_checkpoint, load_model
-from nanorlhf.config import Runtime
 from nanorlhf.dpo import dpo_loss
 from nanorlhf.model import GPT, response_logprobs
-from nanorlhf.train import make_optimizer, optimizer_step
+from nanorlhf.optim import make_optimizer, optimizer_step
+from nanorlhf.runtime import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two contended ones

@@ -95,7 +95,7 @@ def test_fixed_kl_controller():
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu", "gpu"])
 def test_ppo_settings_are_designs_in_every_preset(preset):
-    """DESIGN details 5, 7, 8: the unit tests pass these numbers in, so the shipped settings are pinned here."""
+    """docs/design.md details 5, 7, 8: the unit tests pass these numbers in, so the shipped settings are pinned here."""
     cfg = make_config(PPOConfig, "ppo", preset=preset)
     assert (cfg.gamma, cfg.lam) == (1.0, 0.95)  # detail 5
     assert (cfg.clip_range, cfg.clip_range_value, cfg.vf_coef, cfg.ppo_epochs) == (0.2, 0.2, 0.1, 4)  # detail 7

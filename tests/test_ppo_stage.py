@@ -1,5 +1,5 @@
 """Subprocess runs of train_ppo.py on the tiny preset: the whole pipeline from nothing,
---resume, and the PPO details that only a real loop can show (DESIGN details 3, 4, 9)."""
+--resume, and the PPO details that only a real loop can show (docs/design.md details 3, 4, 9)."""
 import json
 import os
 import shutil

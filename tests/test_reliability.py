@@ -29,14 +29,17 @@ import torch._dynamo  # noqa: F401 - see below
 
 import nanorlhf.evaluate  # noqa: F401 - see below
 import nanorlhf.metrics  # noqa: F401
-from nanorlhf.checkpoint import CheckpointError, atomic_write, ckpt_path, load_checkpoint, load_model, \
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model, \
     load_resume, save_checkpoint
-from nanorlhf.config import PPOConfig, Runtime, SFTConfig, make_config
+from nanorlhf.config import PPOConfig, SFTConfig, make_config
 from nanorlhf.data import encode_prompts, load_corpus
+from nanorlhf.guard import NonFiniteGuard
+from nanorlhf.io import atomic_write
 from nanorlhf.judge import gold_score
+from nanorlhf.optim import optimizer_step
 from nanorlhf.prefs import read_prefs
+from nanorlhf.runtime import Runtime
 from nanorlhf.tokenizer import make_encoding, tokenizer_from_state, tokenizer_state, train_bpe
-from nanorlhf.train import NonFiniteGuard, optimizer_step
 
 # The forked runs inherit what this process has loaded, so it loads what the scripts would load
 # themselves: matplotlib (~1 s, via metrics), torch._dynamo (imported by the first optimizer, ~2 s)

@@ -18,7 +18,7 @@ def gen(seed):
 @pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.8, top_k=5),
                                      dict(temperature=1.2, top_p=0.7)])
 def test_generate_with_gpt_kv_cache_equals_naive_generate(options):
-    # DESIGN detail 10: incremental decoding from the KV cache draws what full forwards draw
+    # docs/design.md detail 10: incremental decoding from the KV cache draws what full forwards draw
     model = make_gpt(vocab_size=8)  # small vocabulary: EOS is common, rows end at different steps
     eos = 7
     prompt, prompt_mask = left_padded(LENGTHS, 8, seed=1, pad_id=eos)

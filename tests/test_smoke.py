@@ -97,7 +97,7 @@ def test_rm_trains_from_the_sft_checkpoint(sft_dir, tmp_path):
     ckpt = load_checkpoint(out, "rm")
     assert ckpt["step"] > 0 and math.isfinite(ckpt["gain"]) and math.isfinite(ckpt["bias"])
     assert ckpt["tokenizer"] == load_checkpoint(sft_dir, "sft")["tokenizer"]
-    # DESIGN detail 11: the gain and bias PPO reads make the RM's scores on SFT samples mean 0, std 1
+    # docs/design.md detail 11: the gain and bias PPO reads make the RM's scores on SFT samples mean 0, std 1
     with open(os.path.join(out, "metrics.jsonl")) as f:
         report = [json.loads(line) for line in f][-1]
     assert (report["gain"], report["bias"]) == (ckpt["gain"], ckpt["bias"])

@@ -1,5 +1,5 @@
 """Assignment adaptive_kl (nanorlhf/ppo.py): AdaptiveKLController.update by hand.
-DESIGN detail 8: target 6 nats, horizon 10 000, proportional error clipped to +-0.2."""
+docs/design.md detail 8: target 6 nats, horizon 10 000, proportional error clipped to +-0.2."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Assignment attention_kv_cache (nanorlhf/model.py, CausalSelfAttention.forward): attention against
-a per-head loop, causality, left padding, and KV-cache decoding against a full forward (DESIGN detail 10)."""
+a per-head loop, causality, left padding, and KV-cache decoding against a full forward (docs/design.md detail 10)."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
 """Assignment compute_gae (nanorlhf/ppo.py): generalised advantage estimation against a per-row loop
-and a hand-computed case. DESIGN detail 5: GAE over response tokens only, V after the end is 0."""
+and a hand-computed case. docs/design.md detail 5: GAE over response tokens only, V after the end is 0."""
 import pytest
 import torch
 

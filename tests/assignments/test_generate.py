@@ -86,7 +86,7 @@ def test_generate_logprobs_equal_teacher_forced_forward(temperature):
     model = BagOfWordsLM()
     prompt, prompt_mask = left_padded(LENGTHS, V, pad_id=EOS)
     out = generate(model, prompt, prompt_mask, 10, temperature=temperature, eos_id=EOS, generator=gen(0))
-    # DESIGN detail 4: the training pass divides the logits by the same temperature
+    # docs/design.md detail 4: the training pass divides the logits by the same temperature
     forced = response_logprobs(model, prompt, prompt_mask, out["tokens"], out["mask"], temperature)
     assert torch.allclose(out["logprobs"], forced, atol=1e-5), (out["logprobs"] - forced).abs().max()
     # ... and the check can fail: at temperature 1 the logprobs are different

@@ -1,5 +1,5 @@
 """Assignment kl_penalty_rewards (nanorlhf/ppo.py): the per-token reward of RLHF against a per-row loop.
-DESIGN details 1 and 2: RM score at the final real token minus beta * KL on every token."""
+docs/design.md details 1 and 2: RM score at the final real token minus beta * KL on every token."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Assignment masked_whiten (nanorlhf/ppo.py): whitening over real tokens only, against the formula
-on the real entries alone. DESIGN detail 6: advantages are whitened over real tokens only."""
+on the real entries alone. docs/design.md detail 6: advantages are whitened over real tokens only."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Assignment policy_loss (nanorlhf/ppo.py): PPO's clipped surrogate by hand, its gradient and stats.
-DESIGN details 3 and 7: ratio exactly 1 and approx-KL 0 when logprobs are aligned; clip 0.2."""
+docs/design.md details 3 and 7: ratio exactly 1 and approx-KL 0 when logprobs are aligned; clip 0.2."""
 import math
 
 import pytest

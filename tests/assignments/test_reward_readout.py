@@ -1,5 +1,5 @@
 """Assignment reward_readout (nanorlhf/reward.py): the reward is read at the last real token of
-left-padded prompt + right-padded response. DESIGN detail 2. The model here is a stand-in without
+left-padded prompt + right-padded response. docs/design.md detail 2. The model here is a stand-in without
 attention, so these tests need no other assignment."""
 import torch
 

@@ -1,5 +1,5 @@
 """Assignment value_loss (nanorlhf/ppo.py): the clipped value loss by hand and its gradient.
-DESIGN detail 7: value clipping at 0.2 around the values of the rollout."""
+docs/design.md detail 7: value clipping at 0.2 around the values of the rollout."""
 import pytest
 import torch
 

@@ -1,11 +1,12 @@
-"""nanorlhf/throughput.py: the FLOP count against a hand count, and both benchmarks run on
+"""nanorlhf/flops.py and nanorlhf/benchmark.py: the FLOP count against a hand count, and both benchmarks run on
 the tiny preset on CPU and return sensible numbers."""
 import math
 
 import torch
 
+from nanorlhf.benchmark import bench_ppo, bench_sft
+from nanorlhf.flops import model_flops_per_token, peak_flops, training_speed
 from nanorlhf.model import GPTConfig
-from nanorlhf.throughput import bench_ppo, bench_sft, model_flops_per_token, peak_flops, training_speed
 
 
 def test_model_flops_per_token_by_hand():

@@ -1,47 +1,14 @@
-"""The training step every stage shares: AdamW parameter groups, a clipped (and on
-fp16, loss-scaled) optimizer step that skips non-finite gradients, a guard that stops a run
-whose steps keep failing, a clean stop on Ctrl-C, DDP wrapping and metric averaging across ranks."""
+"""Two ways a run stops early, each with a message that says how to go on: NonFiniteGuard (steps that
+keep producing NaN or inf) and StopOnSignal (Ctrl-C or SIGTERM: finish the step, save, exit)."""
 import math
 import os
 import shlex
 import signal
 import sys
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-
-def make_optimizer(model, lr, weight_decay, device, betas=(0.9, 0.95)):
-    """AdamW; weight decay on matrices only (not biases, LayerNorms). Fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def backward(loss, rt):
-    (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
-
-
-def optimizer_step(model, optimizer, rt, grad_clip, update_scaler=True):
-    """Clip the gradient norm and step. A non-finite gradient skips the step (the
-    gradients are dropped) and returns False with the norm, so callers can count it.
-    Two optimizers on one loss (PPO's policy and value) step the first with update_scaler=False:
-    fp16's GradScaler must unscale both with the scale the loss was multiplied by, then update once."""
-    if rt.scaler is not None:
-        rt.scaler.unscale_(optimizer)  # the fp32 master gradients, divided by the loss scale
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    finite = bool(torch.isfinite(grad_norm))
-    if rt.scaler is not None:
-        rt.scaler.step(optimizer)  # the scaler skips non-finite steps itself and lowers its scale
-        if update_scaler:
-            rt.scaler.update()
-    elif finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return finite, float(grad_norm)
+from nanorlhf.distributed import finish_ddp
 
 
 def resume_command(*extra):
@@ -154,78 +121,3 @@ class StopOnSignal:
                       f"{resume_command()}", flush=True)
         finish_ddp()
         sys.exit(128 + self.signum)
-
-
-def finish_ddp():
-    """The end of a run under torchrun, every way out (done, or stopped by Ctrl-C): tear the process
-    group down. A process that exits with it still up can abort in gloo's threads ("terminate called
-    without an active exception", pytorch#190489). No barrier first: rank 0 may still evaluate for
-    minutes after the loop, longer than NCCL waits at a barrier."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def wrap_ddp(model, rt):
-    if rt.world_size == 1:
-        return model
-    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def all_reduce_mean(x, rt):
-    """Mean of a scalar tensor over ranks (itself on one process)."""
-    if rt.world_size == 1:
-        return x
-    x = x.detach().to(rt.device, torch.float32, copy=True)  # NCCL reduces GPU tensors only
-    torch.distributed.all_reduce(x)
-    return x / rt.world_size
-
-
-def all_reduce_max(x, rt):
-    """Largest value of a scalar tensor over ranks (itself on one process)."""
-    if rt.world_size == 1:
-        return x
-    x = x.detach().to(rt.device, torch.float32, copy=True)
-    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-    return x
-
-
-# A mean over a global batch split across ranks: rank r holds the sum S_r over its n_r tokens (or
-# pairs). DDP averages the ranks' gradients, so each rank divides S_r by (n_1 + ... + n_W) / W:
-#   mean_r [ S_r / (sum_r n_r / W) ] = sum_r S_r / sum_r n_r     the mean over the whole batch,
-# where S_r / n_r on each rank would give the mean of the ranks' means instead.
-def global_mean_denominator(count, rt):
-    """(sum over ranks of count) / world_size; count a 0-dim tensor (tokens, or pair weights), the
-    count itself on one process. all_reduce_mean of the rank losses divided by it is the global mean.
-    A count of 0 (nothing to average) divides by a tiny number instead: a sum of 0 stays 0."""
-    count = count.detach().float()
-    if rt.world_size > 1:
-        count = count.clone()
-        torch.distributed.all_reduce(count)
-    return count.clamp(min=1e-8) / rt.world_size
-
-
-def epoch_batch(n_rows, batch_size, step, seed, rt):
-    """This rank's row indices at a step: every epoch shuffles the rows (seed + epoch: the same order
-    on every rank) and cuts them into batches of batch_size, and rank r takes rows r, r + W, ... of the
-    step's batch. A last batch with fewer rows than ranks is topped up from the epoch's start."""
-    epoch, i = divmod(step, math.ceil(n_rows / batch_size))
-    order = np.random.default_rng(seed + epoch).permutation(n_rows)
-    batch = order[i * batch_size:(i + 1) * batch_size]
-    if len(batch) < rt.world_size:  # every rank needs a row: DDP steps only when all of them do
-        batch = np.concatenate([batch, order[:rt.world_size - len(batch)]])
-    return batch[rt.rank::rt.world_size]
-
-
-def all_gather_lists(items, rt):
-    """Every rank's python list, concatenated in rank order (the list itself on one process)."""
-    if rt.world_size == 1:
-        return items
-    parts = [None] * rt.world_size
-    torch.distributed.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
