@@ -57,7 +57,41 @@ def _inverse_cdf_draw(probs, generator=None):
     u > 0, so a leading token of probability 0 is never reached; u <= 1, so neither is a trailing one."""
     cdf = probs.cumsum(-1)  # (B, V)
     u = 1.0 - torch.rand(probs.size(0), 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
-    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0]  # (B,)
+    # clamped: with nan in probs searchsorted returns V, one past the vocabulary (an index error on CPU, a
+    # device assert on CUDA); generate then stops with NonFiniteLogitsError, which says why
+    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp_(max=probs.size(-1) - 1)  # (B,)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits held nan or inf: its weights diverged (or a checkpoint holds such weights)."""
+
+    def __init__(self):
+        super().__init__("the model produced non-finite logits (nan/inf) while sampling: its weights diverged. "
+                         "Use the last good checkpoint, or train again with a lower --lr")
+
+
+class _FiniteWatch:
+    """Wraps a decode step; records on the device whether any logits it returned were non-finite.
+    No host sync per step (the flag is read once, after the loop), so CUDA graphs and compiled steps
+    keep their speed; the draw itself is clamped, so non-finite logits never index out of range."""
+
+    def __init__(self, step, logits):
+        self.step = step
+        self.bad = non_finite(logits)
+
+    def __getattr__(self, name):  # new_kv_cache and the like
+        return getattr(self.step, name)
+
+    def __call__(self, *args):
+        logits = self.step(*args)
+        self.bad |= non_finite(logits)
+        return logits
+
+
+def non_finite(logits):
+    """A device bool: does some row's largest logit fail to be finite? That is nan or +inf anywhere, or a row
+    of -inf (no token left to draw); -inf on some tokens is fine (a masked token)."""
+    return ~torch.isfinite(logits.amax(-1)).all()
 
 
 def _check_lengths(model, prompt_tokens, max_new_tokens):
@@ -67,13 +101,17 @@ def _check_lengths(model, prompt_tokens, max_new_tokens):
                          f"shorten prompts (max_prompt_tokens) or max_new_tokens")
 
 
-def _finish(tokens, logprobs, finished_before, eos_id):
-    """Mask through the first EOS; tokens after it become EOS, logprobs 0."""
+def _finish(tokens, logprobs, finished_before, eos_id, bad):
+    """Mask through the first EOS; tokens after it become EOS, logprobs 0. bad: the device flag of
+    non-finite logits, read in the same host sync as the output width."""
     tokens = torch.stack(tokens, 1)  # (B, N)
     logprobs = torch.stack(logprobs, 1)
     mask = (~torch.stack(finished_before, 1)).long()  # real until (and including) the first EOS
     tokens = tokens.masked_fill(mask == 0, eos_id)
-    n = max(int(mask.sum(1).max()), 1)  # drop trailing columns where every row had already ended
+    n = int(torch.where(bad, -1, mask.sum(1).max()))  # -1: the logits went non-finite
+    if n < 0:
+        raise NonFiniteLogitsError()
+    n = max(n, 1)  # drop trailing columns where every row had already ended
     return {"tokens": tokens[:, :n], "mask": mask[:, :n], "logprobs": (logprobs * mask)[:, :n]}
 
 
@@ -105,6 +143,7 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
     position = prompt_mask.long().sum(1, keepdim=True)  # (B, 1) next position id of each row
     prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
     logits = model(prompt_tokens, position_ids=prompt_pos, attention_mask=attn_mask, kv_cache=cache)[:, -1]
+    decode_step = _FiniteWatch(decode_step, logits)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, finished_before = [], [], []
     for t in range(max_new_tokens):
@@ -121,7 +160,7 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
         logits = decode_step(token[:, None], position, attn_mask, cache)  # (B, V)
         position = position + 1
         # END ASSIGNMENT
-    return _finish(tokens, logprobs, finished_before, eos_id)
+    return _finish(tokens, logprobs, finished_before, eos_id, decode_step.bad)
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +291,7 @@ def naive_generate(model, prompt_tokens, prompt_mask, max_new_tokens, temperatur
     for t in range(max_new_tokens):
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(idx, position_ids=pos, attention_mask=mask)[:, -1]
+        bad = non_finite(logits) if t == 0 else bad | non_finite(logits)
         token, logprob = sample_token(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, eos_id)
         tokens.append(token)
@@ -262,7 +302,7 @@ def naive_generate(model, prompt_tokens, prompt_mask, max_new_tokens, temperatur
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if bool(finished.all()):
             break
-    return _finish(tokens, logprobs, finished_before, eos_id)
+    return _finish(tokens, logprobs, finished_before, eos_id, bad)
 
 
 def sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt, temperature=1.0,
