@@ -277,7 +277,9 @@ def _check_corpus(part, url, path, head=1 << 16):
     elif not split_stories(text):
         what = "text without stories"
     if what:
-        os.remove(part)
+        for leftover in (part, part + ".etag"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
         raise RuntimeError(f"{url} sent {what}, not the story corpus ({CORPUS_FORMAT}); nothing was saved. "
                            f"Check the URL and your network (a proxy or login page?), or put the file at {path}")
 
