@@ -282,12 +282,12 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 # Sizes and counts that must be >= 1: 0 or less builds no model, divides by zero or trains nothing.
-POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every", "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every",
-                 "eval_iters", "sample_every", "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples",
-                 "eval_samples", "iterations", "rollout_batch", "n_minibatches", "ppo_epochs", "kl_horizon",
-                 "eval_prompts", "save_every")
+POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every",
+                 "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "sample_every",
+                 "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "iterations",
+                 "rollout_batch", "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every")
 COUNTS = ("n_samples", "rounds", "tokenizer_chars")  # >= 0: none shown, no extra round, the whole corpus
-# Floats that must be > 0, and shares or probabilities that must lie in [0, 1] (low, high, what it is).
+# Floats that must be > 0 (rates, scales, noise), lie in [0, 1] (discounts), or be >= 0 (0 switches them off).
 POSITIVE_FLOATS = ("lr", "value_lr", "temperature", "grad_clip", "beta", "rater_noise_low",
                    "rater_noise_high", "clip_range", "clip_range_value", "target_kl")
 UNIT_FLOATS = ("gamma", "lam")  # 0 <= x <= 1
@@ -303,7 +303,7 @@ def _check_numbers(cfg):
             raise ValueError(f"--{f.name} {value} is not a finite number: give a real value (default {f.default})")
     for name in POSITIVE_INTS:
         if hasattr(cfg, name) and not getattr(cfg, name) >= 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}: it is a size or count")
+            raise ValueError(f"{name} must be >= 1 (a size or a count), got {getattr(cfg, name)}")
     for name in POSITIVE_FLOATS:
         if hasattr(cfg, name) and not getattr(cfg, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
@@ -321,6 +321,16 @@ def _check_numbers(cfg):
                          f"got {cfg.sft_dropout}")
     if isinstance(cfg, RMConfig) and not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
+    # comma-separated lists of numbers: best-of-n's n and the beta sweep's KL coefficients
+    for name, kind, ok, need in (("bon", int, lambda n: n >= 1, "whole numbers >= 1"),
+                                 ("betas", float, lambda b: math.isfinite(b) and b > 0, "finite numbers > 0")):
+        items = [x.strip() for x in str(getattr(cfg, name, "")).split(",") if x.strip()]
+        try:
+            good = all(ok(kind(x)) for x in items)
+        except ValueError:
+            good = False
+        if not good:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r} must be a comma-separated list of {need}")
 
 
 def check_config(cfg):

@@ -66,32 +66,9 @@ class NonFiniteLogitsError(RuntimeError):
     """The model's logits held nan or inf: its weights diverged (or a checkpoint holds such weights)."""
 
     def __init__(self):
-        super().__init__("the model produced non-finite logits (nan/inf) while sampling: its weights diverged. "
-                         "Use the last good checkpoint, or train again with a lower --lr")
-
-
-class _FiniteWatch:
-    """Wraps a decode step; records on the device whether any logits it returned were non-finite.
-    No host sync per step (the flag is read once, after the loop), so CUDA graphs and compiled steps
-    keep their speed; the draw itself is clamped, so non-finite logits never index out of range."""
-
-    def __init__(self, step, logits):
-        self.step = step
-        self.bad = non_finite(logits)
-
-    def __getattr__(self, name):  # new_kv_cache and the like
-        return getattr(self.step, name)
-
-    def __call__(self, *args):
-        logits = self.step(*args)
-        self.bad |= non_finite(logits)
-        return logits
-
-
-def non_finite(logits):
-    """A device bool: does some row's largest logit fail to be finite? That is nan or +inf anywhere, or a row
-    of -inf (no token left to draw); -inf on some tokens is fine (a masked token)."""
-    return ~torch.isfinite(logits.amax(-1)).all()
+        super().__init__("the model produced non-finite logits (nan/inf) while sampling: its weights diverged (or "
+                         "a tiny --temperature overflowed them). Use the last good checkpoint, or train again with "
+                         "a lower --lr")
 
 
 def _check_lengths(model, prompt_tokens, max_new_tokens):
@@ -101,11 +78,13 @@ def _check_lengths(model, prompt_tokens, max_new_tokens):
                          f"shorten prompts (max_prompt_tokens) or max_new_tokens")
 
 
-def _finish(tokens, logprobs, finished_before, eos_id, bad):
-    """Mask through the first EOS; tokens after it become EOS, logprobs 0. bad: the device flag of
-    non-finite logits, read in the same host sync as the output width."""
+def _finish(tokens, logprobs, finished_before, eos_id):
+    """Mask through the first EOS; tokens after it become EOS, logprobs 0. Non-finite logits (nan, +inf,
+    a row of -inf) make the drawn token's logprob nan: checked here once, in the same host read as the
+    output width, instead of at every step."""
     tokens = torch.stack(tokens, 1)  # (B, N)
     logprobs = torch.stack(logprobs, 1)
+    bad = ~torch.isfinite(logprobs).all()
     mask = (~torch.stack(finished_before, 1)).long()  # real until (and including) the first EOS
     tokens = tokens.masked_fill(mask == 0, eos_id)
     n = int(torch.where(bad, -1, mask.sum(1).max()))  # -1: the logits went non-finite
@@ -143,7 +122,6 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
     position = prompt_mask.long().sum(1, keepdim=True)  # (B, 1) next position id of each row
     prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
     logits = model(prompt_tokens, position_ids=prompt_pos, attention_mask=attn_mask, kv_cache=cache)[:, -1]
-    decode_step = _FiniteWatch(decode_step, logits)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, finished_before = [], [], []
     for t in range(max_new_tokens):
@@ -160,7 +138,7 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
         logits = decode_step(token[:, None], position, attn_mask, cache)  # (B, V)
         position = position + 1
         # END ASSIGNMENT
-    return _finish(tokens, logprobs, finished_before, eos_id, decode_step.bad)
+    return _finish(tokens, logprobs, finished_before, eos_id)
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +269,6 @@ def naive_generate(model, prompt_tokens, prompt_mask, max_new_tokens, temperatur
     for t in range(max_new_tokens):
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(idx, position_ids=pos, attention_mask=mask)[:, -1]
-        bad = non_finite(logits) if t == 0 else bad | non_finite(logits)
         token, logprob = sample_token(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, eos_id)
         tokens.append(token)
@@ -302,7 +279,7 @@ def naive_generate(model, prompt_tokens, prompt_mask, max_new_tokens, temperatur
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if bool(finished.all()):
             break
-    return _finish(tokens, logprobs, finished_before, eos_id, bad)
+    return _finish(tokens, logprobs, finished_before, eos_id)
 
 
 def sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt, temperature=1.0,

@@ -8,6 +8,7 @@ made yet: they are strict xfails, so the suite stays green now and fails the day
 the mark then). The scripts run forked from this process with runpy, as in test_reliability.py: a
 real separate process for signals and exit codes, without paying `import torch` for each run.
 """
+import hashlib
 import json
 import math
 import os
@@ -230,7 +231,7 @@ def diverged_model():
     return model
 
 
-@pytest.mark.parametrize("how", ["generate", "naive", "top_k", "top_p", "one_bad_row"])
+@pytest.mark.parametrize("how", ["generate", "naive", "top_k", "top_p", "one_bad_row", "one_inf_logit"])
 def test_3_sampling_non_finite_logits_stops_with_the_cause(how):
     """Today: `index 23 is out of bounds` from deep inside the draw (a device assert on CUDA)."""
     model = diverged_model()
@@ -240,6 +241,10 @@ def test_3_sampling_non_finite_logits_stops_with_the_cause(how):
         model = make_gpt()
         forward = model.forward
         model.forward = lambda idx, **kw: forward(idx, **kw).index_fill(0, torch.tensor([1]), float("nan"))
+    if how == "one_inf_logit":  # +inf on one token of every row: softmax gives nan
+        model = make_gpt()
+        forward = model.forward
+        model.forward = lambda idx, **kw: forward(idx, **kw).index_fill(-1, torch.tensor([7]), float("inf"))
     sampler = naive_generate if how == "naive" else generate
     with pytest.raises(RuntimeError, match=r"non-finite logits \(nan/inf\).*diverged.*last good checkpoint"):
         sampler(model, prompt, mask, 6, eos_id=0, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -367,7 +372,7 @@ def test_7_a_206_that_does_not_start_where_asked_is_not_spliced(tmp_path, range_
         download(server.url, path, chunk=1000)
     assert server.ranges[0] == "bytes=5000-"
     assert read(path) == CORPUS
-    assert read(path + ".sha256").decode().strip() == __import__("hashlib").sha256(CORPUS).hexdigest()
+    assert read(path + ".sha256").decode().strip() == hashlib.sha256(CORPUS).hexdigest()
 
 
 # ---------------------------------------------------------------- 8. late failures
@@ -426,6 +431,16 @@ def test_9_out_of_range_rates_and_probabilities_are_refused(cls, stage, name, ba
     for value in bad:
         with pytest.raises(ValueError, match=rf"^{name} must be"):
             make_config(cls, stage, preset="tiny", **{name: value})
+
+
+def test_9_bad_lists_of_numbers_are_refused():
+    for bad in ("0", "1,-4", "two", "1,nan"):
+        with pytest.raises(ValueError, match="--bon .* must be a comma-separated list of whole numbers >= 1"):
+            make_config(EvalConfig, "eval", preset="tiny", bon=bad)
+    for bad in ("0.1,0", "nan", "inf", "-0.1", "a"):
+        with pytest.raises(ValueError, match="--betas .* must be a comma-separated list of finite numbers > 0"):
+            make_config(StudyConfig, "study", preset="tiny", betas=bad)
+    assert make_config(EvalConfig, "eval", preset="tiny", bon="").bon == ""  # no best-of-n at all
 
 
 def test_9_bad_sizes_stop_the_scripts_with_one_line(root):
