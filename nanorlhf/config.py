@@ -284,9 +284,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Sizes and counts that must be >= 1: 0 or less builds no model, divides by zero or trains nothing.
 POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every",
                  "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "sample_every",
-                 "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "iterations",
-                 "rollout_batch", "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every")
-COUNTS = ("n_samples", "rounds", "tokenizer_chars")  # >= 0: none shown, no extra round, the whole corpus
+                 "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "rollout_batch", "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every")
+# >= 0: none shown, no extra round, the whole corpus, PPO's final evaluation only (of --init_policy)
+COUNTS = ("n_samples", "rounds", "tokenizer_chars", "iterations")
 # Floats that must be > 0 (rates, scales, noise), lie in [0, 1] (discounts), or be >= 0 (0 switches them off).
 POSITIVE_FLOATS = ("lr", "value_lr", "temperature", "grad_clip", "beta", "rater_noise_low",
                    "rater_noise_high", "clip_range", "clip_range_value", "target_kl")

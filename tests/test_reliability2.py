@@ -401,10 +401,10 @@ SIZE_FLAGS = [(SFTConfig, "sft", n) for n in ("n_layer", "n_head", "n_embd", "bl
                                               "batch_size", "grad_accum", "max_iters", "eval_iters", "sample_batch",
                                               "max_new_tokens", "max_prompt_tokens", "log_every")] + \
              [(RMConfig, "rm", n) for n in ("n_prompts", "epochs", "norm_samples", "eval_samples", "k_responses")] + \
-             [(PPOConfig, "ppo", n) for n in ("iterations", "rollout_batch", "n_minibatches", "ppo_epochs",
+             [(PPOConfig, "ppo", n) for n in ("rollout_batch", "n_minibatches", "ppo_epochs",
                                               "eval_prompts", "save_every", "kl_horizon")] + \
              [(DPOConfig, "dpo", "batch_size"), (EvalConfig, "eval", "n_prompts"),
-              (StudyConfig, "study", "eval_prompts"), (StudyConfig, "study", "iterations")]
+              (StudyConfig, "study", "eval_prompts")]
 
 
 @pytest.mark.parametrize("value", [0, -1])
@@ -413,7 +413,8 @@ def test_9_zero_and_negative_sizes_are_refused_naming_the_flag(value):
         with pytest.raises(ValueError, match=rf"{name}\b.*must be >= 1"):
             make_config(cls, stage, preset="tiny", **{name: value})
     for cls, stage, name in [(EvalConfig, "eval", "n_samples"), (StudyConfig, "study", "rounds"),
-                             (SFTConfig, "sft", "tokenizer_chars")]:  # 0 means none / the whole corpus
+                             (SFTConfig, "sft", "tokenizer_chars"),  # 0: none shown, no round, the whole corpus
+                             (PPOConfig, "ppo", "iterations")]:  # 0: only the final evaluation
         if value < 0:
             with pytest.raises(ValueError, match=rf"{name} must be >= 0"):
                 make_config(cls, stage, preset="tiny", **{name: value})
