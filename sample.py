@@ -10,6 +10,7 @@ gold:   the gold judge (nanorlhf/judge.py) that stands in for what people really
 """
 import argparse
 import itertools
+import math
 import os
 import textwrap
 
@@ -20,7 +21,7 @@ from nanorlhf.judge import gold_score
 from nanorlhf.metrics import print_samples
 from nanorlhf.reward import normalised_scores
 from nanorlhf.runtime import setup_runtime
-from nanorlhf.sampler import sample_responses
+from nanorlhf.sampler import NonFiniteLogitsError, sample_responses
 
 POLICY_DIRS = ("out/ppo", "out/dpo", "out/sft")  # where --ckpt looks when not given
 WIDTH = 100  # console width of the printed samples
@@ -41,10 +42,11 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N
 parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 args = parser.parse_args()
 for flag, ok, need in (("n", args.n >= 1, ">= 1"),
-                       ("temperature", args.temperature is None or args.temperature > 0,
-                        "> 0 (for greedy decoding use --top_k 1)"),
+                       ("temperature", args.temperature is None or 0 < args.temperature < math.inf,
+                        "> 0 and finite (for greedy decoding use --top_k 1)"),
                        ("top_k", args.top_k is None or args.top_k >= 1, ">= 1"),
-                       ("top_p", args.top_p is None or 0 <= args.top_p <= 1, "between 0 (greedy) and 1")):
+                       ("top_p", args.top_p is None or 0 <= args.top_p <= 1, "between 0 (greedy) and 1"),
+                       ("max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1")):
     if not ok:
         parser.error(f"--{flag} must be {need}")
 rt = setup_runtime(args)  # reads device, dtype, seed
@@ -98,11 +100,14 @@ if max_prompt_tokens < 1:
                      f"{block_size} of the model in {shortest}: ask for fewer tokens")
 
 
-def continuations(model):
+def continuations(model, name):
     """Sample one continuation per prompt -> rows of response, reward (if an RM), gold."""
     generator = torch.Generator(rt.device).manual_seed(args.seed)  # the same draws for every model
-    out = sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt, temperature,
-                           generator=generator, top_k=args.top_k, top_p=args.top_p)
+    try:
+        out = sample_responses(model, enc, prompts, max_prompt_tokens, max_new_tokens, rt, temperature,
+                               generator=generator, top_k=args.top_k, top_p=args.top_p)
+    except NonFiniteLogitsError as e:  # a checkpoint with diverged weights
+        raise SystemExit(f"{name}: {e}")
     rows = [{"response": text} for text in out["texts"]]
     if rm is not None:  # normalised as in training: gain * raw + bias
         for row, r in zip(rows, normalised_scores(rm, rm_ckpt["gain"], rm_ckpt["bias"], out["batches"], rt).tolist()):
@@ -130,12 +135,12 @@ def print_side_by_side(prompt, left, right, left_name, right_name):
 # ---------------------------------------------------------------- sample and print
 print(f"{args.ckpt} ({ckpt['stage']}, step {ckpt['step']}) | temperature {temperature} | top_k {args.top_k} | "
       f"top_p {args.top_p} | max_new_tokens {max_new_tokens} | seed {args.seed}")
-rows = continuations(policy)
+rows = continuations(policy, args.ckpt)
 if compare is None:
     print_samples([{"prompt": p, **row} for p, row in zip(prompts, rows)], width=WIDTH, max_chars=10_000)
 else:
     print("-" * WIDTH)
-    for prompt, row, other in zip(prompts, rows, continuations(compare)):
+    for prompt, row, other in zip(prompts, rows, continuations(compare, args.compare)):
         print_side_by_side(prompt, row, other, f"[{args.ckpt}]", f"[{args.compare}]")
 if rm_note:
     print(rm_note)

@@ -221,10 +221,22 @@ def download(url, path, sha256=None, chunk=1 << 20):
         response = None
     if response is not None:
         with response:
-            if not done or response.status != 206:  # a new download: remember which version it is
-                etag = response.headers.get("ETag")
-                atomic_write(etag_path, lambda f: f.write((etag or "").encode()))
-            _receive(response, part, done, chunk, url)
+            start = _range_start(response) if done and response.status == 206 else 0
+            if start not in (0, done):  # resumed from another byte than asked: splicing would corrupt the file
+                response = None
+            else:
+                if start != done:  # the server sends the file from its first byte: start again with it
+                    done = 0
+                if not done:  # a new download: remember which version it is
+                    etag = response.headers.get("ETag")
+                    atomic_write(etag_path, lambda f: f.write((etag or "").encode()))
+                _receive(response, part, done, chunk, url)
+        if response is None:
+            print(f"{url} resumed from byte {start}, not {done}: downloading it again from the start",
+                  file=sys.stderr)
+            os.remove(part)
+            return download(url, path, sha256, chunk)
+    _check_corpus(part, url, path)
     digest = _sha256(part)
     if sha256 and digest != sha256:
         os.remove(part)
@@ -235,6 +247,41 @@ def download(url, path, sha256=None, chunk=1 << 20):
     if os.path.exists(etag_path):
         os.remove(etag_path)
     return path
+
+
+def _range_start(response):
+    """The first byte a 206 response holds, from its Content-Range "bytes START-END/SIZE" (None if absent)."""
+    m = re.match(r"bytes\s+(\d+)-", response.headers.get("Content-Range") or "")
+    return int(m.group(1)) if m else None
+
+
+def _check_corpus(part, url, path, head=1 << 16):
+    """Refuse a body that is not a story corpus (an HTML error or login page, binary data) before its
+    checksum is recorded as trusted: it must be UTF-8 text with stories split by <|endoftext|> or blank lines."""
+    with open(part, "rb") as f:
+        start = f.read(head)
+    text = None
+    for cut in range(4):  # the sample may end inside a multi-byte character
+        try:
+            text = start[:len(start) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    what = None
+    if not start.strip():
+        what = "an empty file"
+    elif text is None or "\x00" in text:
+        what = "not UTF-8 text"
+    elif re.match(r"\s*<(!doctype|html|\?xml|head|body)\b", text, re.I):
+        what = "an HTML page"
+    elif not split_stories(text):
+        what = "text without stories"
+    if what:
+        for leftover in (part, part + ".etag"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise RuntimeError(f"{url} sent {what}, not the story corpus ({CORPUS_FORMAT}); nothing was saved. "
+                           f"Check the URL and your network (a proxy or login page?), or put the file at {path}")
 
 
 def _receive(response, part, done, chunk, url):

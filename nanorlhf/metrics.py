@@ -34,15 +34,20 @@ class MetricsLog:
         killed run left half-written), so that the log goes on without repeated steps."""
         if not (self.enabled and os.path.exists(self.path)):
             return
-        kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= step:
-                    kept.append(json.dumps(record) + "\n")
+        kept, foreign = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+        for i, line in enumerate(lines, 1):
+            record = _record(line)
+            if record is None:
+                if line.strip() and i < len(lines):  # not a last line without its newline: a killed run cut it
+                    kept.append(line + "\n")  # not ours to delete: kept as it is, skipped when reading
+                    foreign.append(i)
+            elif record["step"] <= step:
+                kept.append(json.dumps(record) + "\n")
+        if foreign:
+            print(f"warning: {self.path} lines {foreign[:5]}{' ...' if len(foreign) > 5 else ''} are not metrics "
+                  f"records (JSON objects with a numeric step); kept as they are, skipped in plots")
         atomic_write(self.path, lambda f: f.write("".join(kept).encode("utf-8")))
 
     def log(self, step, quiet=False, **metrics):
@@ -55,9 +60,22 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _record(line):
+    """A metrics.jsonl line as a dict with a numeric step, or None for anything else (a line cut by a
+    kill, a hand edit)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and \
+        not isinstance(record["step"], bool)
+    return record if ok else None
+
+
 def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl; lines that are not records are skipped (keep_until warns of them)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [r for r in map(_record, f) if r is not None]
 
 
 def plot_metrics(path, groups, png, title=""):

@@ -59,7 +59,18 @@ def _inverse_cdf_draw(probs, generator=None):
     u > 0, so a leading token of probability 0 is never reached; u <= 1, so neither is a trailing one."""
     cdf = probs.cumsum(-1)  # (B, V)
     u = 1.0 - torch.rand(probs.size(0), 1, device=probs.device, generator=generator)  # (B, 1) in (0, 1]
-    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0]  # (B,)
+    # clamped: with nan in probs searchsorted returns V, one past the vocabulary (an index error on CPU, a
+    # device assert on CUDA); generate then stops with NonFiniteLogitsError, which says why
+    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp_(max=probs.size(-1) - 1)  # (B,)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model's logits held nan or inf: its weights diverged (or a checkpoint holds such weights)."""
+
+    def __init__(self):
+        super().__init__("the model produced non-finite logits (nan/inf) while sampling: its weights diverged (or "
+                         "a tiny --temperature overflowed them). Use the last good checkpoint, or train again with "
+                         "a lower --lr")
 
 
 def _check_lengths(model, prompt_tokens, max_new_tokens):
@@ -70,12 +81,18 @@ def _check_lengths(model, prompt_tokens, max_new_tokens):
 
 
 def _finish(tokens, logprobs, finished_before, eos_id):
-    """Mask through the first EOS; tokens after it become EOS, logprobs 0."""
+    """Mask through the first EOS; tokens after it become EOS, logprobs 0. Non-finite logits (nan, +inf,
+    a row of -inf) make the drawn token's logprob nan: checked here once, in the same host read as the
+    output width, instead of at every step."""
     tokens = torch.stack(tokens, 1)  # (B, N)
     logprobs = torch.stack(logprobs, 1)
+    bad = ~torch.isfinite(logprobs).all()
     mask = (~torch.stack(finished_before, 1)).long()  # real until (and including) the first EOS
     tokens = tokens.masked_fill(mask == 0, eos_id)
-    n = max(int(mask.sum(1).max()), 1)  # drop trailing columns where every row had already ended
+    n = int(torch.where(bad, -1, mask.sum(1).max()))  # -1: the logits went non-finite
+    if n < 0:
+        raise NonFiniteLogitsError()
+    n = max(n, 1)  # drop trailing columns where every row had already ended
     return {"tokens": tokens[:, :n], "mask": mask[:, :n], "logprobs": (logprobs * mask)[:, :n]}
 
 

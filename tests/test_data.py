@@ -165,10 +165,12 @@ CORPUS = ("\n" + EOT + "\n").join(STORIES).encode()  # the TinyStoriesV2 format
 
 class RangeServer:
     """A loopback HTTP server for one file; honours Range requests (206) unless told not to,
-    and records the Range header of every request."""
+    and records the Range header of every request. range_start: a broken server that answers
+    every Range request with a 206 from that byte (and says so in its Content-Range)."""
 
-    def __init__(self, payload, honour_range=True, etag=None, content_length=True):
+    def __init__(self, payload, honour_range=True, etag=None, content_length=True, range_start=None):
         self.payload, self.honour_range, self.ranges = payload, honour_range, []
+        self.range_start = range_start
         self.etag, self.content_length, self.if_ranges = etag, content_length, []
         server = self
 
@@ -183,6 +185,8 @@ class RangeServer:
                     rng = None  # another version than the client holds: the whole file (RFC 9110 13.1.5)
                 if rng and server.honour_range:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if server.range_start is not None:
+                        start = server.range_start
                     if start >= len(body):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(body)}")
