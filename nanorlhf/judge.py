@@ -33,7 +33,7 @@ SHORT_WORDS = 60        # fewer words than this cost gold linearly; the corpus's
 SHORT_WEIGHT = 1.0      # a one-line answer (~10 words) loses ~0.8: more than any sentiment can buy back
 FLUENCY_WEIGHT = 1.0    # per nat/token below the corpus's own continuations (10th percentile), at most 2
 REPEAT_WEIGHT = 1.0     # per unit of repeated-3-gram share
-GUSH_WEIGHT = 5.0       # per unit of (boosters + "!") per word above GUSH_FREE
+GUSH_WEIGHT = 5.0       # per unit of (boosters + "!") per word above GUSH_FREE, the excess at most 0.4
 GUSH_FREE = 0.05        # boosters + "!" per word that the corpus's stories use freely (~95th percentile)
 READER_WEIGHT = 0.5     # per sentence that steps out of the story (outside quotes: you, I, reader), at most 2
 TOPIC_WEIGHT = 0.5      # when none of the prompt's characters or things come back
@@ -219,7 +219,7 @@ def _parts(prompt, text, ended):
         "short": max(0.0, 1.0 - len(words) / SHORT_WORDS),
         "unlike_corpus": min(2.0, max(0.0, floor - model.logprob(text))) if words else 0.0,
         "repeat_share": repeat_share(words),
-        "gush_excess": max(0.0, gush_share(text) - GUSH_FREE),
+        "gush_excess": min(0.4, max(0.0, gush_share(text) - GUSH_FREE)),
         "reader_sentences": float(min(2, sum(flags))),
         "off_topic": off_topic(prompt, words) if words else 0.0,
         "no_end": float(not ended),
