@@ -120,8 +120,8 @@ def continuations(model):
             raw = torch.cat([score(rm, b["prompt"], b["prompt_mask"], b["tokens"], b["mask"]) for b in out["batches"]])
         for row, r in zip(rows, (rm_ckpt["gain"] * raw.cpu() + rm_ckpt["bias"]).tolist()):
             row["reward"] = r  # normalised as in train_rm.py: gain * raw + bias
-    for row, text, ended in zip(rows, out["texts"], out["ended"]):
-        row["gold"] = gold_score(text, ended)
+    for row, prompt, text, ended in zip(rows, prompts, out["texts"], out["ended"]):
+        row["gold"] = gold_score(prompt, text, ended)
         row["ended"] = "yes" if ended else "no"
     return rows
 

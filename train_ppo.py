@@ -240,7 +240,7 @@ for iteration in range(start, cfg.iterations):
     first = stats[0]
     mean_stats = {k: float(all_reduce_mean(torch.stack([s[k] for s in stats]).mean(), rt)) for k in first}
     texts = [enc.decode(r[:int(m.sum())].tolist()).replace("<|endoftext|>", "") for r, m in zip(response.cpu(), mask.cpu())]
-    gold = gold_scores(texts, ended.tolist())
+    gold = gold_scores(prompts, texts, ended.tolist())
     metrics = {
         "reward": float(all_reduce_mean(scores.mean(), rt)),
         "gold": float(all_reduce_mean(torch.tensor(np.mean(gold)), rt)),

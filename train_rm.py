@@ -86,8 +86,8 @@ else:
     raters = make_rater_pool(cfg.n_raters, cfg.rater_noise_low, cfg.rater_noise_high,
                              cfg.rater_bias or None, cfg.rater_bias_weight)
     rows = label_pairs(prompts, group(texts), group(ended), raters, rng, k)
-    agreement = inter_rater_agreement(raters, [(r["chosen"], r["rejected"], r["chosen_ended"], r["rejected_ended"])
-                                               for r in rows], rng, n=min(len(rows), 500))
+    agreement = inter_rater_agreement(raters, [(r["prompt"], r["chosen"], r["rejected"], r["chosen_ended"],
+                                                r["rejected_ended"]) for r in rows], rng, n=min(len(rows), 500))
     if rt.is_main:
         print(f"sampled {len(texts)} {cfg.policy_dir or 'SFT'} responses ({time.time() - t0:.1f} s, "
               f"{np.mean(ended):.0%} ended) -> {len(rows)} pairs from {len(raters)} raters "
@@ -240,7 +240,7 @@ eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_sample
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                          cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 rewards = rm_scores(fresh, gain, bias).numpy()
-gold = gold_scores(fresh["texts"], fresh["ended"])
+gold = gold_scores(eval_prompts, fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])
 val_loss, val_acc = evaluate(val_batches)
 gold_acc = gold_accuracy(val_rows)
@@ -267,9 +267,9 @@ if rt.is_main:
         r_c, r_r = (gain * x + bias for x in group_scores(rm, batch_of([[example]])))
     print("an example held-out pair:")
     print_samples([{"prompt": example["prompt"], "response": "[CHOSEN] " + example["chosen"],
-                    "reward": float(r_c), "gold": float(gold_scores([example["chosen"]], [example.get("chosen_ended", True)])[0])},
+                    "reward": float(r_c), "gold": float(gold_scores([example["prompt"]], [example["chosen"]], [example.get("chosen_ended", True)])[0])},
                    {"prompt": example["prompt"], "response": "[REJECTED] " + example["rejected"],
-                    "reward": float(r_r), "gold": float(gold_scores([example["rejected"]], [example.get("rejected_ended", True)])[0])}])
+                    "reward": float(r_r), "gold": float(gold_scores([example["prompt"]], [example["rejected"]], [example.get("rejected_ended", True)])[0])}])
     save(rng=train_rng, gain=gain, bias=bias, report=report)
     plot_metrics(log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")

@@ -39,7 +39,7 @@ READER_WEIGHT = 0.5     # per sentence that steps out of the story (outside quot
 TOPIC_WEIGHT = 0.5      # when none of the prompt's characters or things come back
 NO_END_PENALTY = 0.5    # never emitted <|endoftext|>
 EMPTY_PENALTY = 0.5     # no words: otherwise saying nothing (gold 0) beats every slightly sad story
-ENDING_WORDS = 30       # the ending is the last sentences that hold at least this many words
+ENDING_WORDS = 30       # the ending: the last this many words (the corpus's last 2-3 sentences)
 
 EOT = "<|endoftext|>"
 INTENSIFIERS = {"very", "so", "really", "super"}  # the flowery raters' taste (with "!")
@@ -96,21 +96,17 @@ def sentence_sentiment(sentence):
     return total / math.sqrt(total * total + 15)
 
 
-def _weighted_sentiment(sentences):
-    """Mean sentence sentiment weighted by words, so a one-word "Happy." weighs one word."""
+def _weighted_sentiment(sentences, last_words=None):
+    """Mean sentence sentiment weighted by words, so a one-word "Happy." weighs one word. With
+    last_words, only the last that many words count: a sentence weighs its words inside that window."""
     sizes = [len(_words(s)) for s in sentences]
+    if last_words is not None:
+        room, weights = last_words, []
+        for n in reversed(sizes):
+            weights.insert(0, min(n, room))
+            room -= weights[0]
+        sizes = weights
     return sum(sentence_sentiment(s) * n for s, n in zip(sentences, sizes)) / max(1, sum(sizes))
-
-
-def _ending(sentences):
-    """The last sentences holding at least ENDING_WORDS words (all of them in a shorter text)."""
-    tail, n = [], 0
-    for s in reversed(sentences):
-        tail.insert(0, s)
-        n += len(_words(s))
-        if n >= ENDING_WORDS:
-            break
-    return tail
 
 
 # ---------------------------------------------------------------- a fixed n-gram model of the corpus
@@ -215,7 +211,7 @@ def _parts(prompt, text, ended):
     sentences = [s for s, reader in zip(sentences, flags) if not reader]
     parts = {
         "sentiment": _weighted_sentiment(sentences),
-        "ending": _weighted_sentiment(_ending(sentences)),
+        "ending": _weighted_sentiment(sentences, ENDING_WORDS),
         "short": max(0.0, 1.0 - len(words) / SHORT_WORDS),
         "unlike_corpus": min(2.0, max(0.0, floor - model.logprob(text))) if words else 0.0,
         "repeat_share": repeat_share(words),

@@ -45,8 +45,11 @@ def test_sentiment_is_word_weighted_and_ending_is_the_last_30_words():
     assert parts["sentiment"] == pytest.approx((3 * sentence_sentiment(a) + 8 * sentence_sentiment(b)) / 11)
     assert parts["ending"] == pytest.approx(parts["sentiment"])  # under 30 words: the ending is everything
     filler = "Lily and the dog walked to the park in the morning."  # 11 words, neutral
-    text = " ".join([a] + [filler] * 3 + [b])  # the last 30+ words: 2 fillers and b (30 words)
+    text = " ".join([a] + [filler] * 3 + [b])  # the last 30 words: b (8), 2 fillers (22), none of a
     assert gold_parts(P, text, True)["ending"] == pytest.approx(8 * sentence_sentiment(b) / 30)
+    text = " ".join([filler, a] + [filler] + [b])  # the last 30: b (8), filler (11), a (3), 8 of filler
+    assert gold_parts(P, text, True)["ending"] == pytest.approx(
+        (8 * sentence_sentiment(b) + 3 * sentence_sentiment(a)) / 30)
 
 
 def test_short_costs_linearly_below_60_words():
@@ -183,7 +186,8 @@ def test_label_pairs_k3_matches_a_plain_loop():
     for g in range(3):
         rater = raters[rng.integers(3)]
         for i, j in [(0, 1), (0, 2), (1, 2)]:
-            a_wins = rng.random() < prefer_prob(rater, prompts[g], responses[g][i], responses[g][j], ended[g][i], ended[g][j])
+            a_wins = rng.random() < prefer_prob(rater, prompts[g], responses[g][i], responses[g][j],
+                                                ended[g][i], ended[g][j])
             c, r = (i, j) if a_wins else (j, i)
             expected.append((g, rater.name, responses[g][c], responses[g][r], ended[g][c], ended[g][r]))
     got = [(r["group"], r["rater"], r["chosen"], r["rejected"], r["chosen_ended"], r["rejected_ended"])
