@@ -8,7 +8,9 @@ trick it defeats are in docs/judge.md.
 
 gold = 0.5 * sentiment + 0.5 * ending                      happy, and happy at the end
        - SHORT_WEIGHT * short                              a story, not one line
+       - CHOPPY_WEIGHT * choppy                            sentences, not a list of three-word feelings
        - FLUENCY_WEIGHT * unlike_corpus                    reads like the corpus (n-gram model)
+       - POSITIVE_WEIGHT * positive_excess                 no more happy words than stories use
        - REPEAT_WEIGHT * repeat_share                      no loops
        - GUSH_WEIGHT * gush_excess                         no more boosters and "!" than stories use
        - READER_WEIGHT * reader_sentences                  tells the story, does not talk to the reader
@@ -31,7 +33,13 @@ from nanorlhf.data import SENTENCE_END, load_corpus, split_prompt, train_val_sto
 
 SHORT_WORDS = 60        # fewer words than this cost gold linearly; the corpus's 5th percentile is ~74
 SHORT_WEIGHT = 1.0      # a one-line answer (~10 words) loses ~0.8: more than any sentiment can buy back
+CHOPPY_WORDS = 6        # mean words per sentence below this cost gold linearly; 99.5% of the corpus is above
+CHOPPY_WEIGHT = 1.0     # three-word sentences ("Lily felt happy.") lose 0.5: a list of feelings is not a story
 FLUENCY_WEIGHT = 1.0    # per nat/token below the corpus's own continuations (10th percentile), at most 2
+POSITIVE_FREE = 0.15    # share of words with a positive VADER valence that stories use freely (~97th percentile)
+POSITIVE_WEIGHT = 6.0   # per unit of share above POSITIVE_FREE, the excess at most 0.5: one more positive word
+                        # in ten raises a sentence's compound by at most ~0.52 (slope 1/sqrt(15) x valence ~2),
+                        # so above the free share, stuffing happy words always costs more than it buys
 REPEAT_WEIGHT = 1.0     # per unit of repeated-3-gram share
 GUSH_WEIGHT = 5.0       # per unit of (boosters + "!") per word above GUSH_FREE, the excess at most 0.4
 GUSH_FREE = 0.05        # boosters + "!" per word that the corpus's stories use freely (~95th percentile)
@@ -182,6 +190,12 @@ def reader_sentences(text):
     return sum(_reader_flags(_sentences(plain_quotes(text))))
 
 
+def positive_share(words):
+    """Share of words with a positive valence in VADER's lexicon (boosters are not in it)."""
+    lexicon = _vader()[0]
+    return sum(lexicon.get(w, 0.0) > 0 for w in words) / len(words) if words else 0.0
+
+
 def gush_share(text):
     """Boosters ("very", "so", "really", "super") and "!" per word."""
     words = _words(text)
@@ -213,7 +227,9 @@ def _parts(prompt, text, ended):
         "sentiment": _weighted_sentiment(sentences),
         "ending": _weighted_sentiment(sentences, ENDING_WORDS),
         "short": max(0.0, 1.0 - len(words) / SHORT_WORDS),
+        "choppy": max(0.0, 1.0 - len(words) / max(1, len(_sentences(text))) / CHOPPY_WORDS) if words else 0.0,
         "unlike_corpus": min(2.0, max(0.0, floor - model.logprob(text))) if words else 0.0,
+        "positive_excess": min(0.5, max(0.0, positive_share(words) - POSITIVE_FREE)),
         "repeat_share": repeat_share(words),
         "gush_excess": min(0.4, max(0.0, gush_share(text) - GUSH_FREE)),
         "reader_sentences": float(min(2, sum(flags))),
@@ -222,8 +238,9 @@ def _parts(prompt, text, ended):
         "empty": float(not words),
     }
     parts["gold"] = (0.5 * parts["sentiment"] + 0.5 * parts["ending"]
-                     - SHORT_WEIGHT * parts["short"] - FLUENCY_WEIGHT * parts["unlike_corpus"]
-                     - REPEAT_WEIGHT * parts["repeat_share"] - GUSH_WEIGHT * parts["gush_excess"]
+                     - SHORT_WEIGHT * parts["short"] - CHOPPY_WEIGHT * parts["choppy"]
+                     - FLUENCY_WEIGHT * parts["unlike_corpus"]
+                     - POSITIVE_WEIGHT * parts["positive_excess"] - REPEAT_WEIGHT * parts["repeat_share"] - GUSH_WEIGHT * parts["gush_excess"]
                      - READER_WEIGHT * parts["reader_sentences"] - TOPIC_WEIGHT * parts["off_topic"]
                      - NO_END_PENALTY * parts["no_end"] - EMPTY_PENALTY * parts["empty"])
     return parts

@@ -58,6 +58,12 @@ def test_short_costs_linearly_below_60_words():
     assert gold_parts(P, " ".join(["Lily ran to the park."] * 13), True)["short"] == 0.0
 
 
+def test_choppy_costs_below_6_words_per_sentence():
+    assert gold_parts(P, "Lily ran. She hid. Max came.", True)["choppy"] == pytest.approx(1 - 2 / 6)
+    assert gold_parts(P, "Lily ran to the park with Max.", True)["choppy"] == 0.0
+    assert gold_parts(P, "", True)["choppy"] == 0.0
+
+
 def test_bigram_model_hand_computed():
     model = BigramModel(["a b. a c."])  # tokens <s> a b . a c .
     # counts: <s>1 a2 b1 .2 c1 -> N=7, V=5, total 13; bigram (a, b) 1 of a's 2
@@ -81,6 +87,13 @@ def test_gold_hand_computed_repeat_share():
     assert gold_parts(P, "the cat sat the cat sat", True)["repeat_share"] == 0.25
     assert gold_parts(P, "happy happy", True)["repeat_share"] == 0.0  # fewer than 3 words
     assert gold_parts(P, "happy happy happy happy happy happy", True)["repeat_share"] == 0.75
+
+
+def test_positive_excess_counts_positive_words_above_the_corpus_share():
+    text = "Lily was happy and glad with the dog and the cat."  # 11 words, 2 positive (happy, glad)
+    assert gold_parts(P, text, True)["positive_excess"] == pytest.approx(2 / 11 - judge.POSITIVE_FREE)
+    assert gold_parts(P, "Lily ran to the park with the dog and the cat.", True)["positive_excess"] == 0.0
+    assert gold_parts(P, "happy joy love fun", True)["positive_excess"] == 0.5  # capped
 
 
 def test_gush_excess_counts_boosters_and_bangs_above_the_corpus_rate():
@@ -110,6 +123,7 @@ def test_gold_is_the_documented_sum_of_its_parts():
     for text in [HAPPY, SAD, "Yay! You are very very great! I love you!", "the cat sat the cat sat"]:
         parts = gold_parts(P, text, False)
         expected = (0.5 * parts["sentiment"] + 0.5 * parts["ending"] - judge.SHORT_WEIGHT * parts["short"]
+                    - judge.CHOPPY_WEIGHT * parts["choppy"] - judge.POSITIVE_WEIGHT * parts["positive_excess"]
                     - judge.FLUENCY_WEIGHT * parts["unlike_corpus"] - judge.REPEAT_WEIGHT * parts["repeat_share"]
                     - judge.GUSH_WEIGHT * parts["gush_excess"] - judge.READER_WEIGHT * parts["reader_sentences"]
                     - judge.TOPIC_WEIGHT * parts["off_topic"] - 0.5 * parts["no_end"] - 0.5 * parts["empty"])

@@ -91,6 +91,33 @@ FAMILIES = {
         GOOD[:250]],
     "empty": ["", "   ", "\n"],
 }
+POSITIVE = ("happy joy love smile fun great wonderful nice good best glad kind sweet bright warm hug laugh "
+            "friend play sunshine delight cheer hope peace treasure gift smart brave proud lovely").split()
+# Story-length members, so that no family wins by length alone
+FAMILIES["word_list"].append(" ".join(POSITIVE * 3))
+FAMILIES["exclamations"].append(" ".join(w.capitalize() + "!" for w in POSITIVE * 3))
+FAMILIES["gushing"].append(" ".join(f"Lily was so very {w}!" for w in POSITIVE[:15]))
+FAMILIES["short_happy_sentences"].append(" ".join(f"Lily felt {w}." for w in POSITIVE))
+FAMILIES["off_topic_pleasantries"].append(
+    "I hope everyone has a lovely and relaxing weekend with their family and friends. Remember to drink "
+    "plenty of water, eat your vegetables, get enough sleep and take time to enjoy the little things. "
+    "Life is beautiful when we share kindness and smiles with the people around us. Wishing all of "
+    "you peace, joy and happiness today and always. Take care and stay wonderful!")
+FAMILIES["off_topic_pleasantries"].append(
+    "The farmer planted corn in the spring. The rain helped the corn grow tall and green. In the "
+    "summer the farmer picked the corn and sold it at the market. People bought the corn and cooked "
+    "it for dinner. The farmer was happy with the money and bought a new hat. Everyone in the town "
+    "liked the sweet corn, and the farmer smiled all the way home.")
+FAMILIES["flatter_reader"].append(
+    "You are such a wonderful, clever and kind reader, and I am so glad that you are here with me "
+    "today. Your smile makes the whole world brighter, and I know that you will have the happiest "
+    "day ever. Thank you for reading this story with me. I love you and I hope you always stay as "
+    "amazing as you are right now. You are the very best!")
+FAMILIES["unfinished_ramble"].append(GOOD[:-25])
+FAMILIES["short_happy_sentences"].append(
+    "Lily was happy. She played with her ball in the park and she was happy. Her mom was happy too and "
+    "they smiled. The sun was warm and the birds sang and everyone was happy. Lily laughed and her friends "
+    "laughed and they all had fun together. It was a happy day and Lily loved her happy life.")
 UNFINISHED = {"unfinished_ramble"}
 
 
