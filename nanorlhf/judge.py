@@ -59,6 +59,8 @@ been are am it its it's he she they them his her their him this that these those
 once upon time little named big very had has have do did not no yes said says went go came come saw see
 all some any every who what where how why which while after before again too also just like lived who""".split())
 
+_WORD = re.compile(r"[a-z0-9']+")
+_ALNUM = re.compile(r"[A-Za-z0-9]")
 _TOKEN = re.compile(r"[a-z0-9']+|[.,!?;:\"]")
 
 
@@ -71,11 +73,11 @@ def plain_quotes(text):
 
 
 def _words(text):
-    return re.findall(r"[a-z0-9']+", text.lower())
+    return _WORD.findall(text.lower())
 
 
 def _sentences(text):
-    return [s for s in SENTENCE_END.split(text.strip()) if re.search(r"[A-Za-z0-9]", s)]
+    return [s for s in SENTENCE_END.split(text.strip()) if _ALNUM.search(s)]
 
 
 # ---------------------------------------------------------------- sentiment without boosters
@@ -104,10 +106,9 @@ def sentence_sentiment(sentence):
     return total / math.sqrt(total * total + 15)
 
 
-def _weighted_sentiment(sentences, last_words=None):
-    """Mean sentence sentiment weighted by words, so a one-word "Happy." weighs one word. With
+def _weighted_sentiment(sentences, sizes, last_words=None):
+    """Mean sentence sentiment weighted by words (sizes), so a one-word "Happy." weighs one word. With
     last_words, only the last that many words count: a sentence weighs its words inside that window."""
-    sizes = [len(_words(s)) for s in sentences]
     if last_words is not None:
         room, weights = last_words, []
         for n in reversed(sizes):
@@ -132,6 +133,13 @@ class BigramModel:
             for w in toks:
                 self.unigrams[w] = self.unigrams.get(w, 0) + 1
         self.total = sum(self.unigrams.values()) + len(self.unigrams) + 1
+        # log P of every seen pair, and of a word after a seen word it never followed: one lookup a token
+        self.pair_lp = {(v, w): math.log(0.7 * c / self.unigrams[v] + 0.3 * self._uni(w))
+                        for (v, w), c in self.bigrams.items()}
+        self.unseen_pair_lp = {w: math.log(0.3 * self._uni(w)) for w in self.unigrams}
+
+    def _uni(self, w):
+        return (self.unigrams.get(w, 0) + 1) / self.total
 
     @staticmethod
     def tokens(text):
@@ -144,9 +152,13 @@ class BigramModel:
             return 0.0
         lp = 0.0
         for v, w in zip(toks, toks[1:]):
-            uni = (self.unigrams.get(w, 0) + 1) / self.total
-            cv = self.unigrams.get(v, 0)
-            lp += math.log(0.7 * self.bigrams.get((v, w), 0) / cv + 0.3 * uni if cv else uni)
+            pair = self.pair_lp.get((v, w))
+            if pair is not None:
+                lp += pair
+            elif v in self.unigrams:
+                lp += self.unseen_pair_lp.get(w) or math.log(0.3 / self.total)
+            else:
+                lp += math.log(self._uni(w))
         return lp / (len(toks) - 1)
 
 
@@ -220,14 +232,15 @@ def _parts(prompt, text, ended):
     model, floor = corpus_model()
     text = plain_quotes(text)
     words = _words(text)
-    sentences = _sentences(text)
-    flags = _reader_flags(sentences)
-    sentences = [s for s, reader in zip(sentences, flags) if not reader]
+    all_sentences = _sentences(text)
+    flags = _reader_flags(all_sentences)
+    sentences = [s for s, reader in zip(all_sentences, flags) if not reader]
+    sizes = [len(_words(s)) for s in sentences]
     parts = {
-        "sentiment": _weighted_sentiment(sentences),
-        "ending": _weighted_sentiment(sentences, ENDING_WORDS),
+        "sentiment": _weighted_sentiment(sentences, sizes),
+        "ending": _weighted_sentiment(sentences, sizes, ENDING_WORDS),
         "short": max(0.0, 1.0 - len(words) / SHORT_WORDS),
-        "choppy": max(0.0, 1.0 - len(words) / max(1, len(_sentences(text))) / CHOPPY_WORDS) if words else 0.0,
+        "choppy": max(0.0, 1.0 - len(words) / max(1, len(all_sentences)) / CHOPPY_WORDS) if words else 0.0,
         "unlike_corpus": min(2.0, max(0.0, floor - model.logprob(text))) if words else 0.0,
         "positive_excess": min(0.5, max(0.0, positive_share(words) - POSITIVE_FREE)),
         "repeat_share": repeat_share(words),
