@@ -131,7 +131,7 @@ class RMConfig(CommonConfig):
     n_raters: int = 5  # simulated raters in the pool
     rater_noise_low: float = 0.02  # the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)
     rater_noise_high: float = 0.2  # the noisiest rater's noise
-    rater_bias: str = ""  # "" | length | flowery: a hidden taste the raters share
+    rater_bias: str = ""  # "" | length | flowery | sycophancy: a hidden taste the raters share
     rater_bias_weight: float = 0.2  # how strong that taste is (gold's sentiment has std ~0.16 on stories)
     val_fraction: float = 0.1  # share of prompts held out for validation
     batch_size: int = 16  # prompts per step, each with all its pairs (k responses, one forward pass each)
@@ -318,8 +318,8 @@ def check_config(cfg):
             raise ValueError(f"k_responses must be >= 2 (a comparison needs two responses), got {cfg.k_responses}")
         if cfg.n_raters < 2:
             raise ValueError(f"n_raters must be >= 2 (the inter-rater agreement compares raters), got {cfg.n_raters}")
-        if cfg.rater_bias not in ("", "length", "flowery"):
-            raise ValueError(f"unknown rater_bias {cfg.rater_bias!r}: '' (none) | length | flowery")
+        if cfg.rater_bias not in ("", "length", "flowery", "sycophancy"):
+            raise ValueError(f"unknown rater_bias {cfg.rater_bias!r}: '' (none) | length | flowery | sycophancy")
         if not 0 < cfg.rater_noise_low <= cfg.rater_noise_high:
             raise ValueError(f"need 0 < rater_noise_low <= rater_noise_high, got {cfg.rater_noise_low}, "
                              f"{cfg.rater_noise_high}")
