@@ -176,16 +176,15 @@ def test_capitals_boosters_and_exclamations_do_not_move_sentiment():
         assert gold_parts(PROMPT, loud, True)["sentiment"] == pytest.approx(plain)
 
 
-SFT_SAMPLES = [os.environ.get("NANORLHF_SFT_SAMPLES", ""), "/work/runs/sft_samples.jsonl",
-               os.path.join(os.path.dirname(__file__), "data", "sft_samples_cpu.jsonl")]
+SFT_SAMPLES = os.path.join(os.path.dirname(__file__), "data", "sft_samples_cpu.jsonl")
 
 
 def test_corpus_continuations_beat_sft_samples():
-    path = next((p for p in SFT_SAMPLES if p and os.path.exists(p)), None)
-    if path is None:
-        pytest.skip("no saved SFT samples: put cpu-preset samples, rows {prompt, response, ended}, "
-                    "at tests/data/sft_samples_cpu.jsonl")
-    with open(path) as f:
+    """The corpus's held-out continuations beat the cpu-preset SFT model's samples (a saved set)."""
+    if not os.path.exists(SFT_SAMPLES):
+        pytest.skip(f"no saved SFT samples at {SFT_SAMPLES}: save cpu-preset samples there, "
+                    f"rows {{prompt, response, ended}}")
+    with open(SFT_SAMPLES) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     _, val = train_val_stories(load_corpus("sample"))
     corpus = np.mean([gold_score(*split_prompt(s), True) for s in val])
