@@ -203,9 +203,9 @@ def reader_sentences(text):
 
 
 def positive_share(words):
-    """Share of words with a positive valence in VADER's lexicon (boosters are not in it)."""
-    lexicon = _vader()[0]
-    return sum(lexicon.get(w, 0.0) > 0 for w in words) / len(words) if words else 0.0
+    """Share of words with a positive valence in VADER's lexicon; boosters ("super") do not count."""
+    lexicon, boosters = _vader()[:2]
+    return sum(lexicon.get(w, 0.0) > 0 and w not in boosters for w in words) / len(words) if words else 0.0
 
 
 def gush_share(text):
@@ -252,8 +252,8 @@ def _parts(prompt, text, ended):
     }
     parts["gold"] = (0.5 * parts["sentiment"] + 0.5 * parts["ending"]
                      - SHORT_WEIGHT * parts["short"] - CHOPPY_WEIGHT * parts["choppy"]
-                     - FLUENCY_WEIGHT * parts["unlike_corpus"]
-                     - POSITIVE_WEIGHT * parts["positive_excess"] - REPEAT_WEIGHT * parts["repeat_share"] - GUSH_WEIGHT * parts["gush_excess"]
+                     - FLUENCY_WEIGHT * parts["unlike_corpus"] - POSITIVE_WEIGHT * parts["positive_excess"]
+                     - REPEAT_WEIGHT * parts["repeat_share"] - GUSH_WEIGHT * parts["gush_excess"]
                      - READER_WEIGHT * parts["reader_sentences"] - TOPIC_WEIGHT * parts["off_topic"]
                      - NO_END_PENALTY * parts["no_end"] - EMPTY_PENALTY * parts["empty"])
     return parts
