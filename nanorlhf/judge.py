@@ -43,7 +43,7 @@ POSITIVE_WEIGHT = 6.0   # per unit of share above POSITIVE_FREE, the excess at m
 REPEAT_WEIGHT = 1.0     # per unit of repeated-3-gram share
 GUSH_WEIGHT = 5.0       # per unit of (boosters + "!") per word above GUSH_FREE, the excess at most 0.4
 GUSH_FREE = 0.05        # boosters + "!" per word that the corpus's stories use freely (~95th percentile)
-READER_WEIGHT = 0.5     # per sentence that steps out of the story (outside quotes: you, I, reader), at most 2
+READER_WEIGHT = 0.5     # per sentence that steps out of the story (outside quotes: you, I, reader, story), at most 2
 TOPIC_WEIGHT = 0.5      # when none of the prompt's characters or things come back
 NO_END_PENALTY = 0.5    # never emitted <|endoftext|>
 EMPTY_PENALTY = 0.5     # no words: otherwise saying nothing (gold 0) beats every slightly sad story
@@ -51,8 +51,9 @@ ENDING_WORDS = 30       # the ending: the last this many words (the corpus's las
 
 EOT = "<|endoftext|>"
 INTENSIFIERS = {"very", "so", "really", "super"}  # the flowery raters' taste (with "!")
-# Words outside quotes that step out of a third-person story to the reader or the narrator.
-READER_WORDS = {"you", "your", "yours", "yourself", "reader", "readers", "i", "me", "my"}
+# Words outside quotes that step out of a third-person story: to the reader, the narrator, or the story itself.
+READER_WORDS = {"you", "your", "yours", "yourself", "reader", "readers", "reads", "i", "me", "my",
+                "story", "stories", "tale"}
 # Function words and story formulas that say nothing about which story this is.
 STOPWORDS = set("""a an the and or but so of to in on at by for with from up down out over into as is was were be
 been are am it its it's he she they them his her their him this that these those there here then when one day
@@ -185,7 +186,7 @@ def repeat_share(words):
 
 
 def _reader_flags(sentences):
-    """Per sentence: do its words outside quotation marks include you, I or reader? Quotes may span
+    """Per sentence: do its words outside quotation marks include READER_WORDS? Quotes may span
     sentences, so the inside/outside state carries over from one sentence to the next."""
     flags, inside = [], False
     for s in sentences:
@@ -197,8 +198,8 @@ def _reader_flags(sentences):
 
 
 def reader_sentences(text):
-    """Sentences that talk to the reader (or as a narrator: you, I, reader outside quotation marks)
-    instead of telling the story. Dialogue inside quotes is free."""
+    """Sentences that talk to the reader, as a narrator or about the story (READER_WORDS outside
+    quotation marks) instead of telling it. Dialogue inside quotes is free."""
     return sum(_reader_flags(_sentences(plain_quotes(text))))
 
 

@@ -114,6 +114,9 @@ FAMILIES["flatter_reader"].append(
     "day ever. Thank you for reading this story with me. I love you and I hope you always stay as "
     "amazing as you are right now. You are the very best!")
 FAMILIES["unfinished_ramble"].append(GOOD[:-25])
+FAMILIES["flatter_reader"] += [
+    GOOD + " This is the best and most wonderful story ever told, and everyone who reads it will smile.",
+    GOOD + " Everyone who reads about Lily is kind, smart and wonderful, and they are the best people in the world."]
 FAMILIES["short_happy_sentences"].append(
     "Lily was happy. She played with her ball in the park and she was happy. Her mom was happy too and "
     "they smiled. The sun was warm and the birds sang and everyone was happy. Lily laughed and her friends "
