@@ -110,6 +110,7 @@ def test_reader_sentences_skip_dialogue():
     parts = gold_parts(P, text, True)
     assert parts["reader_sentences"] == 2.0  # three such sentences, capped at 2
     assert parts["sentiment"] == pytest.approx(sentence_sentiment("Lily smiled."))  # only the story counts
+    assert gold_parts(P, "Lily smiled. This is the best story ever.", True)["reader_sentences"] == 1.0
 
 
 def test_off_topic_needs_one_prompt_content_word():
