@@ -177,12 +177,8 @@ def corpus_model():
 
 def repeat_share(words):
     """Share of word 3-grams that repeat an earlier 3-gram of the same response (0 below 3 words)."""
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    seen, repeats = set(), 0
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams) if grams else 0.0
+    grams = list(zip(words, words[1:], words[2:]))
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0  # each repeat is one gram too many
 
 
 def _reader_flags(sentences):
@@ -205,8 +201,14 @@ def reader_sentences(text):
 
 def positive_share(words):
     """Share of words with a positive valence in VADER's lexicon; boosters ("super") do not count."""
+    positive = _positive_words()
+    return sum(w in positive for w in words) / len(words) if words else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _positive_words():
     lexicon, boosters = _vader()[:2]
-    return sum(lexicon.get(w, 0.0) > 0 and w not in boosters for w in words) / len(words) if words else 0.0
+    return frozenset(w for w, v in lexicon.items() if v > 0 and w not in boosters)
 
 
 def gush_share(text):
@@ -225,7 +227,7 @@ def off_topic(prompt, words):
     wanted = {_stem(w) for w in _words(prompt) if len(w) >= 3 and w not in STOPWORDS}
     if not wanted:
         return 0.0
-    return 0.0 if wanted & {_stem(w) for w in words} else 1.0
+    return 0.0 if wanted & {_stem(w) for w in set(words)} else 1.0
 
 
 @functools.lru_cache(maxsize=1 << 16)  # pairs and rater pools score the same text many times
