@@ -94,6 +94,8 @@ def test_positive_excess_counts_positive_words_above_the_corpus_share():
     assert gold_parts(P, text, True)["positive_excess"] == pytest.approx(2 / 11 - judge.POSITIVE_FREE)
     assert gold_parts(P, "Lily ran to the park with the dog and the cat.", True)["positive_excess"] == 0.0
     assert gold_parts(P, "happy joy love fun", True)["positive_excess"] == 0.5  # capped
+    # "super" has a positive valence in VADER's lexicon but is a booster: 1 positive word of 10, not 2
+    assert gold_parts(P, "Lily was super happy with the dog and the cat.", True)["positive_excess"] == 0.0
 
 
 def test_gush_excess_counts_boosters_and_bangs_above_the_corpus_rate():
