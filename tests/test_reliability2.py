@@ -35,7 +35,7 @@ from test_data import CORPUS, RangeServer
 
 from conftest import left_padded, make_gpt
 
-gold_score("A warm-up sentence.", True)  # VADER's lexicon, loaded before the forks
+gold_score("", "A warm-up sentence.", True)  # VADER and the bigram model, loaded before the forks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--preset", "tiny", "--device", "cpu", "--dtype", "float32")
