@@ -31,7 +31,7 @@ from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, resto
 from nanorlhf.sampler import make_decode_step
 
 cfg = parse_config(PPOConfig, "ppo", description=__doc__)
-rt = setup_runtime(cfg)
+rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
 train_missing_stages(cfg, rt, ("sft", "rm"))
