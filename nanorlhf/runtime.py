@@ -313,6 +313,17 @@ def guarded_sample(run, step, sample):
         return None
 
 
+@contextlib.contextmanager
+def stop_if_diverged(run, step):
+    """Sampling that the training needs (PPO's rollouts): logits that turn non-finite mean weights that
+    diverged, which no skipped step can mend: the run stops as the guard stops it, not with a traceback."""
+    try:
+        yield
+    except NonFiniteLogitsError:
+        raise SystemExit(run.guard.failed(step, "the policy's weights diverged (non-finite logits while "
+                                                "sampling)")) from None
+
+
 def end_loop(run):
     """After the last step: Ctrl-C and SIGTERM back to their handlers; under DDP every rank waits here.
     A run whose last step was bad, or that made no good step at all, is a failure: it exits non-zero."""

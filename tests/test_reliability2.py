@@ -336,6 +336,17 @@ def test_3_a_diverging_sft_run_that_prints_samples_stops_by_the_guard(root, sft)
     assert load_checkpoint(out, "sft")["step"] == 8
 
 
+def test_3_a_ppo_policy_that_diverges_stops_by_the_guard_at_its_next_rollout(root, sft, rm):
+    """--lr 1e30 with one update per iteration: the update's loss and gradients are finite, the weights it
+    leaves are not; the next rollout samples from them. A guard message and exit 1, not a sampler traceback."""
+    out = root / "ppo_diverged"
+    code, output = run("train_ppo.py", *TINY, "--sft_dir", sft, "--rm_dir", rm, "--out_dir", out, "--lr", "1e30",
+                       "--ppo_epochs", "1", "--n_minibatches", "1", log=root / "ppo_diverged.log")
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert "weights diverged" in output and "learning rate is too high" in output
+    assert not os.path.exists(ckpt_path(out)) and str(ckpt_path(out)) in output.splitlines()[-1]
+
+
 # ---------------------------------------------------------------- 4. two runs, one folder
 
 def test_4_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_run_leaves_no_lock(root):
