@@ -138,11 +138,16 @@ class StopOnSignal:
             torch.distributed.barrier()
 
     def exit(self, path, step, saved_step=None):
-        """saved_step: the step the checkpoint at path holds, when that is not this one (SFT keeps its best)."""
+        """saved_step: the step the checkpoint at path holds (this one: saved now; another: SFT keeps its best,
+        or a bad step was not saved; None: this run saved nothing)."""
         if int(os.environ.get("RANK", 0)) == 0:  # every rank stops here; one of them says so
-            if saved_step is None or saved_step == step:
+            if saved_step == step:
                 print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: "
                       f"{resume_command()}", flush=True)
+            elif saved_step is None:
+                print(f"stopped at step {step}: this run saved no checkpoint ({path} "
+                      f"{'is as it was before' if os.path.exists(path) else 'does not exist'}); start it again",
+                      flush=True)
             else:
                 print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
                       f"{resume_command()}", flush=True)

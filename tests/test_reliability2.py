@@ -208,6 +208,31 @@ def test_1_no_save_passes_a_bad_step_or_non_finite_weights(tmp_path):
     assert not os.path.exists(ckpt_path(tmp_path))
 
 
+@pytest.mark.parametrize("earlier", [None, 3])
+def test_1_sigterm_after_a_bad_step_saves_nothing_and_says_what_the_file_holds(tmp_path, capsys, earlier):
+    """The save on SIGTERM passes the guard too: after a bad step it is not made, and the message says so
+    (no "saved" line), naming the step the checkpoint holds when this run saved one earlier."""
+    from types import SimpleNamespace
+    from nanorlhf.runtime import Runtime, end_step, make_guard, start_loop
+    cfg = SimpleNamespace(out_dir=str(tmp_path), resume=False, max_bad_steps=10)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    guard = make_guard(cfg, rt, {"lr": 1.0})
+    run_ = start_loop(cfg, rt, guard, 0, resumed=False)
+    if earlier:
+        guard.saved(earlier)
+    guard.check(5, float("nan"), True)
+    run_.stop.signum = signal.SIGTERM
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            end_step(run_, 5, {"loss": float("nan")}, lambda step: pytest.fail("saved a bad step"), log_due=True)
+    finally:
+        run_.stop.release()  # the test process's own Ctrl-C back
+    assert stopped.value.code == 128 + signal.SIGTERM
+    output = capsys.readouterr().out
+    assert not claimed_saves(output) and not os.path.exists(ckpt_path(tmp_path)), output
+    assert (f"the checkpoint stays at step {earlier}" if earlier else "this run saved no checkpoint") in output
+
+
 # ---------------------------------------------------------------- 2. "saved ckpt.pt" with no ckpt.pt
 
 @pytest.mark.parametrize("script", ["train_dpo.py", "train_rm.py"])
