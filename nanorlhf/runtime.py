@@ -5,7 +5,6 @@ training step (skipped steps, log, save, stop), one function for all four traine
 import contextlib
 import dataclasses
 import fcntl
-import math
 import os
 import random
 import shlex
@@ -254,7 +253,7 @@ def start_loop(cfg, rt, guard, start, resumed):
     return Run(rt, guard, log, StopOnSignal(), ckpt_path(cfg.out_dir))
 
 
-def save_step(run, save, step, model=None):
+def save_step(run, save, step):
     """Write a checkpoint (rank 0; save(step) builds and writes it) and note it as the last good one. Every
     save of every trainer comes here: a checkpoint is written only after a good step and with finite weights,
     and a write that fails (a full disk) stops the run saying what the old checkpoint still holds.
