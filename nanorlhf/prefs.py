@@ -75,7 +75,8 @@ def _check_row(row):
     weight = row.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
             not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
-        return f"'weight' must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (only their ratios matter), got {weight!r}"
+        return (f"'weight' must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (only their ratios matter), "
+                f"got {weight!r}")
     # train_rm.py and train_dpo.py sort groups beside the row indices that number ungrouped rows,
     # and --extra_prefs adds the new prompt count: a negative group would join a new prompt's
     group = row.get("group", 0)
