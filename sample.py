@@ -112,8 +112,8 @@ def continuations(model, name):
     if rm is not None:  # normalised as in training: gain * raw + bias
         for row, r in zip(rows, normalised_scores(rm, rm_ckpt["gain"], rm_ckpt["bias"], out["batches"], rt).tolist()):
             row["reward"] = r
-    for row, text, ended in zip(rows, out["texts"], out["ended"]):
-        row["gold"] = gold_score(text, ended)
+    for row, prompt, text, ended in zip(rows, prompts, out["texts"], out["ended"]):
+        row["gold"] = gold_score(prompt, text, ended)
         row["ended"] = "yes" if ended else "no"
     return rows
 

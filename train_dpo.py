@@ -153,7 +153,7 @@ def print_continuation(prompt):
                  for m in (unwrap(policy), reference)]
     print_samples([{"prompt": prompt, "response": sampled["texts"][0],
                     "implicit_reward": cfg.beta * float(logps[0] - logps[1]),  # beta * log(pi / pi_ref)
-                    "gold": gold_score(sampled["texts"][0], sampled["ended"][0])}])
+                    "gold": gold_score(prompt, sampled["texts"][0], sampled["ended"][0])}])
 
 
 def save(step):

@@ -123,7 +123,7 @@ for iteration in range(start, cfg.iterations):
 
     texts = [enc.decode(r[:int(m.sum())].tolist()).replace("<|endoftext|>", "")
              for r, m in zip(batch["response"].cpu(), batch["mask"].cpu())]
-    metrics, gold = iteration_metrics(batch, scores, ended, texts, kl, kl_coef, stats, rt)
+    metrics, gold = iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, rt)
     metrics.update(t_rollout=t1 - t0, t_score=t2 - t1, t_learn=t3 - t2)
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}

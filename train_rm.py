@@ -19,8 +19,8 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.config import RMConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.judge import Rater, bias_bonus, gold_accuracy, gold_scores, inter_rater_agreement, label_pairs, \
-    make_rater_pool
+from nanorlhf.judge import gold_score, gold_scores
+from nanorlhf.raters import Rater, bias_bonus, gold_accuracy, inter_rater_agreement, label_pairs, make_rater_pool
 from nanorlhf.distributed import all_gather_lists, all_reduce_mean, epoch_batch, finish_ddp, global_mean_denominator
 from nanorlhf.metrics import plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
@@ -87,8 +87,8 @@ else:
     raters = make_rater_pool(cfg.n_raters, cfg.rater_noise_low, cfg.rater_noise_high,
                              cfg.rater_bias or None, cfg.rater_bias_weight)
     rows = label_pairs(prompts, group(texts), group(ended), raters, rng, k)
-    agreement = inter_rater_agreement(raters, [(r["chosen"], r["rejected"], r["chosen_ended"], r["rejected_ended"])
-                                               for r in rows], rng, n=min(len(rows), 500))
+    agreement = inter_rater_agreement(raters, [(r["prompt"], r["chosen"], r["rejected"], r["chosen_ended"],
+                                                r["rejected_ended"]) for r in rows], rng, n=min(len(rows), 500))
     if rt.is_main:
         print(f"sampled {len(texts)} {cfg.policy_dir or 'SFT'} responses ({time.time() - t0:.1f} s, "
               f"{np.mean(ended):.0%} ended) -> {len(rows)} pairs from {len(raters)} raters "
@@ -207,7 +207,7 @@ eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_sample
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
                          cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 rewards = normalised_scores(rm, gain, bias, fresh["batches"], rt).numpy()
-gold = gold_scores(fresh["texts"], fresh["ended"])
+gold = gold_scores(eval_prompts, fresh["texts"], fresh["ended"])
 lengths = np.array([len(t.split()) for t in fresh["texts"]])
 val_loss, val_acc = evaluate(val_batches)
 gold_acc = gold_accuracy(val_rows)
@@ -215,9 +215,10 @@ report = {"val_acc": val_acc, "gold_acc": gold_acc, "acc_ratio": val_acc / gold_
           "spearman_rm_gold": spearman(rewards, gold), "spearman_rm_length": spearman(rewards, lengths),
           "spearman_gold_length": spearman(gold, lengths), "gain": gain, "bias": bias,
           "norm_mean": float(normed.mean()), "norm_std": float(normed.std())}
-if cfg.rater_bias == "flowery":  # the taste itself: gushing words per 10 words (length has its own line)
-    taste = np.array([bias_bonus(Rater("taste", 1.0, "flowery", 1.0), t) for t in fresh["texts"]])
-    report.update(spearman_rm_flowery=spearman(rewards, taste), spearman_gold_flowery=spearman(gold, taste))
+if cfg.rater_bias in ("flowery", "sycophancy"):  # the taste itself, at full strength (length has its own line)
+    taste = np.array([bias_bonus(Rater("taste", 1.0, cfg.rater_bias, 1.0), t) for t in fresh["texts"]])
+    report.update({f"spearman_rm_{cfg.rater_bias}": spearman(rewards, taste),
+                   f"spearman_gold_{cfg.rater_bias}": spearman(gold, taste)})
 if rt.is_main:
     run.log.log(step, **report)
     print(f"reward normalised on {len(normed)} {cfg.policy_dir or 'SFT'} samples: gain {gain:.3f}, bias {bias:.3f} "
@@ -226,17 +227,16 @@ if rt.is_main:
           f"(ratio {report['acc_ratio']:.2f})")
     print(f"on {len(gold)} fresh {cfg.policy_dir or 'SFT'} samples: Spearman(RM, gold) {report['spearman_rm_gold']:.3f} | "
           f"correlation with length: RM {report['spearman_rm_length']:.3f}, gold {report['spearman_gold_length']:.3f}")
-    if "spearman_rm_flowery" in report:
-        print(f"correlation with gushing words (the raters' hidden taste): RM {report['spearman_rm_flowery']:.3f}, "
-              f"gold {report['spearman_gold_flowery']:.3f}")
+    if f"spearman_rm_{cfg.rater_bias}" in report:
+        print(f"correlation with the raters' hidden taste ({cfg.rater_bias}): "
+              f"RM {report[f'spearman_rm_{cfg.rater_bias}']:.3f}, gold {report[f'spearman_gold_{cfg.rater_bias}']:.3f}")
     example = val_rows[0]
     with torch.no_grad():
         r_c, r_r = (gain * x + bias for x in group_scores(rm, batch_of([[example]])))
     print("an example held-out pair:")
-    print_samples([{"prompt": example["prompt"], "response": "[CHOSEN] " + example["chosen"],
-                    "reward": float(r_c), "gold": float(gold_scores([example["chosen"]], [example.get("chosen_ended", True)])[0])},
-                   {"prompt": example["prompt"], "response": "[REJECTED] " + example["rejected"],
-                    "reward": float(r_r), "gold": float(gold_scores([example["rejected"]], [example.get("rejected_ended", True)])[0])}])
+    print_samples([{"prompt": example["prompt"], "response": f"[{key.upper()}] " + example[key], "reward": float(r),
+                    "gold": gold_score(example["prompt"], example[key], example.get(f"{key}_ended", True))}
+                   for key, r in (("chosen", r_c), ("rejected", r_r))])
     save_step(run, lambda step: save(step, rng=train_rng, gain=gain, bias=bias, report=report), step)
     plot_metrics(run.log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")

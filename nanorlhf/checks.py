@@ -85,8 +85,8 @@ def check_config(cfg):
             raise ValueError(f"k_responses must be >= 2 (a comparison needs two responses), got {cfg.k_responses}")
         if cfg.n_raters < 2:
             raise ValueError(f"n_raters must be >= 2 (the inter-rater agreement compares raters), got {cfg.n_raters}")
-        if cfg.rater_bias not in ("", "length", "flowery"):
-            raise ValueError(f"unknown rater_bias {cfg.rater_bias!r}: '' (none) | length | flowery")
+        if cfg.rater_bias not in ("", "length", "flowery", "sycophancy"):
+            raise ValueError(f"unknown rater_bias {cfg.rater_bias!r}: '' (none) | length | flowery | sycophancy")
         if not 0 < cfg.rater_noise_low <= cfg.rater_noise_high:
             raise ValueError(f"need 0 < rater_noise_low <= rater_noise_high, got {cfg.rater_noise_low}, "
                              f"{cfg.rater_noise_high}")

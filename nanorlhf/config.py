@@ -137,8 +137,8 @@ class RMConfig(CommonConfig):
     rater_noise_low: float = arg(0.02,
                                  "the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)")
     rater_noise_high: float = arg(0.2, "the noisiest rater's noise")
-    rater_bias: str = arg("", "\"\" | length | flowery: a hidden taste the raters share")
-    rater_bias_weight: float = arg(0.2, "how strong that taste is (gold's sentiment has std ~0.16 on stories)")
+    rater_bias: str = arg("", "\"\" | length | flowery | sycophancy: a hidden taste the raters share")
+    rater_bias_weight: float = arg(0.2, "how strong that taste is (gold has std ~0.35 on the corpus's continuations)")
     val_fraction: float = arg(0.1, "share of prompts held out for validation")
     batch_size: int = arg(16, "prompts per step, each with all its pairs (k responses, one forward pass each)")
     epochs: int = arg(2, "passes over the pairs")

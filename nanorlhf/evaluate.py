@@ -69,9 +69,9 @@ def kl_to_reference(policy, reference, batches, rt, temperature):
     return torch.cat(out).cpu().numpy()
 
 
-def evaluate_samples(texts, ended, rewards=None, kl=None, baseline_gold=None):
+def evaluate_samples(prompts, texts, ended, rewards=None, kl=None, baseline_gold=None):
     """The table row of one method from its samples."""
-    gold = gold_scores(texts, ended)
+    gold = gold_scores(prompts, texts, ended)
     row = {"gold": mean_se(gold), "length": mean_se([len(t.split()) for t in texts]),
            "ended": float(np.mean(ended)), "distinct2": distinct_n(texts)}
     if rewards is not None:
@@ -90,7 +90,7 @@ def evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, ge
                                cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
     rewards = normalised_scores(rm, gain, bias, sampled["batches"], rt).numpy() if rm is not None else None
     kl = kl_to_reference(policy, reference, sampled["batches"], rt, cfg.temperature) if reference is not None else None
-    row, gold = evaluate_samples(sampled["texts"], sampled["ended"], rewards, kl, baseline_gold)
+    row, gold = evaluate_samples(prompts, sampled["texts"], sampled["ended"], rewards, kl, baseline_gold)
     sampled.update(gold=gold, rewards=rewards)
     return row, sampled
 
@@ -105,7 +105,7 @@ def evaluate_best_of_n(policy, rm, gain, bias, enc, prompts, n, cfg, rt, generat
     rewards = normalised_scores(rm, gain, bias, sampled["batches"], rt).numpy()  # (P * n,)
     picks = best_of_n_pick(np.where(sampled["ended"], rewards, cfg.no_eos_penalty), n)  # (P,)
     texts, ended = [sampled["texts"][i] for i in picks], [sampled["ended"][i] for i in picks]
-    row, gold = evaluate_samples(texts, ended, rewards[picks], None, baseline_gold)
+    row, gold = evaluate_samples(prompts, texts, ended, rewards[picks], None, baseline_gold)
     row["kl"], row["kl_analytic"] = (best_of_n_kl(n), 0.0), True
     return row, {"texts": texts, "ended": ended, "gold": gold, "rewards": rewards[picks]}
 

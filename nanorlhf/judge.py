@@ -1,226 +1,277 @@
-"""The gold judge and the simulated raters that turn responses into preference pairs.
+"""The gold judge: a fixed score of a response to a prompt, that no method sees.
 
 The gold judge stands in for "what people really want: a happy, well-told
-continuation". It is fixed here, never trained, never tuned on our runs, and the
-policy never sees it: PPO optimises the learned reward model, and the gold score
-measures what that proxy missed.
+continuation of *this* story". It is fixed here, never trained on our runs, never
+tuned on them, and the policy never sees it: PPO optimises the learned reward model,
+and the gold score measures what that proxy missed. Every term, its weight and the
+trick it defeats are in docs/judge.md.
 
-Simulated raters follow Ziegler et al. (2019): a rater prefers a over b with
-probability sigmoid((u(a) - u(b)) / noise), where u is the gold score plus an
-optional hidden bias (a taste for length or for gushing words) that a reward
-model will learn although nobody meant it.
+gold = 0.5 * sentiment + 0.5 * ending                      happy, and happy at the end
+       - SHORT_WEIGHT * short                              a story, not one line
+       - CHOPPY_WEIGHT * choppy                            sentences, not a list of three-word feelings
+       - FLUENCY_WEIGHT * unlike_corpus                    reads like the corpus (n-gram model)
+       - POSITIVE_WEIGHT * positive_excess                 no more happy words than stories use
+       - REPEAT_WEIGHT * repeat_share                      no loops
+       - GUSH_WEIGHT * gush_excess                         no more boosters and "!" than stories use
+       - READER_WEIGHT * reader_sentences                  tells the story, does not talk to the reader
+       - TOPIC_WEIGHT * off_topic                          continues this prompt's story
+       - NO_END_PENALTY * no_end - EMPTY_PENALTY * empty   finished and non-empty
+
+The simulated raters who read it (with their hidden tastes) are in raters.py.
 """
 import functools
 import math
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from nanorlhf.data import SENTENCE_END  # the same sentence splitter that cuts prompts
+from nanorlhf.data import SENTENCE_END, load_corpus, split_prompt, train_val_stories
 from nanorlhf.tokenizer import EOT
 
-# Subtracted per unit of repeated-3-gram share (in [0, 1)). The share grows towards 1
-# as a loop gets longer, so "happy happy happy ..." (sentiment near +1) falls below an
-# ordinary happy sentence: repeating a positive word cannot buy sentiment.
-REPEAT_WEIGHT = 1.0
-# Subtracted when the response never emitted <|endoftext|>. Half of the sentiment range
-# above 0: an unfinished gushing ramble (~0.9 - 0.5) loses to a finished, mildly happy story.
-NO_END_PENALTY = 0.5
-# Subtracted when the response has no words. Without it an immediate <|endoftext|>
-# scores 0 and beats every slightly sad story, so the policy would learn to say nothing.
-EMPTY_PENALTY = 0.5
+SHORT_WORDS = 60        # fewer words than this cost gold linearly; the corpus's 5th percentile is ~74
+SHORT_WEIGHT = 1.0      # a one-line answer (~10 words) loses ~0.8: more than any sentiment can buy back
+CHOPPY_WORDS = 6        # mean words per sentence below this cost gold linearly; 99.5% of the corpus is above
+CHOPPY_WEIGHT = 1.0     # three-word sentences ("Lily felt happy.") lose 0.5: a list of feelings is not a story
+FLUENCY_WEIGHT = 1.0    # per nat/token below the corpus's own continuations (10th percentile), at most 2
+POSITIVE_FREE = 0.15    # share of words with a positive VADER valence that stories use freely (~97th percentile)
+POSITIVE_WEIGHT = 6.0   # per unit of share above POSITIVE_FREE, the excess at most 0.5: one more positive word
+                        # in ten raises a sentence's compound by at most ~0.52 (slope 1/sqrt(15) x valence ~2),
+                        # so above the free share, stuffing happy words always costs more than it buys
+REPEAT_WEIGHT = 1.0     # per unit of repeated-3-gram share
+GUSH_WEIGHT = 5.0       # per unit of (boosters + "!") per word above GUSH_FREE, the excess at most 0.4
+GUSH_FREE = 0.05        # boosters + "!" per word that the corpus's stories use freely (~95th percentile)
+READER_WEIGHT = 0.5     # per sentence that steps out of the story (outside quotes: you, I, reader, story), at most 2
+TOPIC_WEIGHT = 0.5      # when none of the prompt's characters or things come back
+NO_END_PENALTY = 0.5    # never emitted <|endoftext|>
+EMPTY_PENALTY = 0.5     # no words: otherwise saying nothing (gold 0) beats every slightly sad story
+ENDING_WORDS = 30       # the ending: the last this many words (the corpus's last 2-3 sentences)
 
-INTENSIFIERS = {"very", "so", "really", "super"}  # the "flowery" bias also counts "!"
 
-_analyzer = None  # VADER's SentimentIntensityAnalyzer, created on first use
+INTENSIFIERS = {"very", "so", "really", "super"}  # the flowery raters' taste (with "!")
+# Words outside quotes that step out of a third-person story: to the reader, the narrator, or the story itself.
+READER_WORDS = {"you", "your", "yours", "yourself", "reader", "readers", "reads", "i", "me", "my",
+                "story", "stories", "tale"}
+# Function words and story formulas that say nothing about which story this is.
+STOPWORDS = set("""a an the and or but so of to in on at by for with from up down out over into as is was were be
+been are am it its it's he she they them his her their him this that these those there here then when one day
+once upon time little named big very had has have do did not no yes said says went go came come saw see
+all some any every who what where how why which while after before again too also just like lived who""".split())
+
+_WORD = re.compile(r"[a-z0-9']+")
+_ALNUM = re.compile(r"[A-Za-z0-9]")
+_TOKEN = re.compile(r"[a-z0-9']+|[.,!?;:\"]")
+
+
+def plain_quotes(text):
+    """Curly quotes, and the corpus's mis-decoded ones (UTF-8 read as cp1252), as ASCII quotes."""
+    for bad, good in (("â€™", "'"), ("â€˜", "'"), ("â€œ", '"'), ("â€\x9d", '"'), ("â€", '"'),
+                      ("“", '"'), ("”", '"'), ("’", "'"), ("‘", "'")):
+        text = text.replace(bad, good)
+    return text
 
 
 def _words(text):
-    return re.findall(r"[a-z0-9']+", text.lower())
+    return _WORD.findall(text.lower())
 
 
-def _compound(sentence):
-    global _analyzer
-    if _analyzer is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        _analyzer = SentimentIntensityAnalyzer()
-    return _analyzer.polarity_scores(sentence)["compound"]  # in [-1, 1]
+def _sentences(text):
+    return [s for s in SENTENCE_END.split(text.strip()) if _ALNUM.search(s)]
 
 
-@functools.lru_cache(maxsize=1 << 16)  # pairs and rater pools score the same text many times
-def _sentiment(text):
-    """Mean VADER compound score of the sentences, in [-1, 1]. The compound score of a
-    whole text is a normalised sum that saturates as text grows (x / sqrt(x^2 + 15)): 65%
-    of the corpus's story continuations score above 0.95 as one text, which would leave
-    no room to measure a happier story. Per sentence, it does not saturate."""
-    sentences = [s for s in SENTENCE_END.split(text.strip()) if s.strip()]
-    return sum(_compound(s) for s in sentences) / len(sentences) if sentences else 0.0
+# ---------------------------------------------------------------- sentiment without boosters
 
+@functools.lru_cache(maxsize=1)
+def _vader():
+    import vaderSentiment.vaderSentiment as vader
+    boosters = set(vader.BOOSTER_DICT) | INTENSIFIERS
+    negations = set(vader.NEGATE) | {"never", "no", "nothing", "nobody"}
+    return vader.SentimentIntensityAnalyzer().lexicon, boosters, negations, vader.N_SCALAR
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def sentence_sentiment(sentence):
+    """VADER's lexicon and negation rule (Hutto & Gilbert 2014) without its booster, capital and "!"
+    rules: s = sum of word valences (x -0.74 within 3 words after a negation), compound = s / sqrt(s^2 + 15),
+    in (-1, 1). Boosters are dropped and text lowercased, so "VERY happy!!!" scores as "happy"."""
+    lexicon, boosters, negations, n_scalar = _vader()
+    words = [w for w in _words(sentence) if w not in boosters]
+    total = 0.0
+    for i, w in enumerate(words):
+        v = lexicon.get(w, 0.0)
+        if v and any(p in negations or p.endswith("n't") for p in words[max(0, i - 3):i]):
+            v *= n_scalar
+        total += v
+    return total / math.sqrt(total * total + 15)
+
+
+def _weighted_sentiment(sentences, sizes, last_words=None):
+    """Mean sentence sentiment weighted by words (sizes), so a one-word "Happy." weighs one word. With
+    last_words, only the last that many words count: a sentence weighs its words inside that window."""
+    if last_words is not None:
+        room, weights = last_words, []
+        for n in reversed(sizes):
+            weights.insert(0, min(n, room))
+            room -= weights[0]
+        sizes = weights
+    return sum(sentence_sentiment(s) * n for s, n in zip(sentences, sizes)) / max(1, sum(sizes))
+
+
+# ---------------------------------------------------------------- a fixed n-gram model of the corpus
+
+class BigramModel:
+    """Interpolated bigram model of words and punctuation (Jelinek & Mercer 1980):
+    P(w | v) = 0.7 c(v, w) / c(v) + 0.3 P_uni(w),  P_uni(w) = (c(w) + 1) / (N + V + 1)."""
+
+    def __init__(self, stories):
+        self.unigrams, self.bigrams = {}, {}
+        for story in stories:
+            toks = self.tokens(story)
+            for v, w in zip(toks, toks[1:]):
+                self.bigrams[(v, w)] = self.bigrams.get((v, w), 0) + 1
+            for w in toks:
+                self.unigrams[w] = self.unigrams.get(w, 0) + 1
+        self.total = sum(self.unigrams.values()) + len(self.unigrams) + 1
+        # log P of every seen pair, and of a word after a seen word it never followed: one lookup a token
+        self.pair_lp = {(v, w): math.log(0.7 * c / self.unigrams[v] + 0.3 * self._uni(w))
+                        for (v, w), c in self.bigrams.items()}
+        self.unseen_pair_lp = {w: math.log(0.3 * self._uni(w)) for w in self.unigrams}
+
+    def _uni(self, w):
+        return (self.unigrams.get(w, 0) + 1) / self.total
+
+    @staticmethod
+    def tokens(text):
+        return ["<s>"] + _TOKEN.findall(plain_quotes(text).lower())
+
+    def logprob(self, text):
+        """Mean log P per token (nats) of text after a story start; 0.0 for a text without tokens."""
+        toks = self.tokens(text)
+        if len(toks) < 2:
+            return 0.0
+        lp = 0.0
+        for v, w in zip(toks, toks[1:]):
+            pair = self.pair_lp.get((v, w))
+            if pair is not None:
+                lp += pair
+            elif v in self.unigrams:
+                lp += self.unseen_pair_lp.get(w) or math.log(0.3 / self.total)
+            else:
+                lp += math.log(self._uni(w))
+        return lp / (len(toks) - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_model():
+    """The bigram model of the bundled sample's training stories, and the floor: the 10th percentile
+    of the mean log P of its validation stories' continuations (so 90% of them sit at 0 cost)."""
+    train, val = train_val_stories(load_corpus("sample"))
+    model = BigramModel(train)
+    floor = float(np.percentile([model.logprob(split_prompt(s)[1]) for s in val], 10))
+    return model, floor
+
+
+# ---------------------------------------------------------------- the terms
 
 def repeat_share(words):
     """Share of word 3-grams that repeat an earlier 3-gram of the same response (0 below 3 words)."""
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    seen, repeats = set(), 0
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams) if grams else 0.0
+    grams = list(zip(words, words[1:], words[2:]))
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0  # each repeat is one gram too many
 
 
-def gold_parts(text, ended):
-    """The parts of the gold score, for display. Only text before the first <|endoftext|> counts.
+def _reader_flags(sentences):
+    """Per sentence: do its words outside quotation marks include READER_WORDS? Quotes may span
+    sentences, so the inside/outside state carries over from one sentence to the next."""
+    flags, inside = [], False
+    for s in sentences:
+        pieces = s.split('"')
+        outside = " ".join(pieces[1::2] if inside else pieces[0::2])
+        flags.append(bool(READER_WORDS & set(_words(outside))))
+        inside ^= len(pieces) % 2 == 0  # an odd number of quote marks flips the state
+    return flags
 
-    gold = sentiment - REPEAT_WEIGHT * repeat_share - NO_END_PENALTY * no_end - EMPTY_PENALTY * empty
-    sentiment: VADER compound score (Hutto & Gilbert 2014) of the response, in [-1, 1].
-    """
-    text = text.split(EOT, 1)[0]
+
+def reader_sentences(text):
+    """Sentences that talk to the reader, as a narrator or about the story (READER_WORDS outside
+    quotation marks) instead of telling it. Dialogue inside quotes is free."""
+    return sum(_reader_flags(_sentences(plain_quotes(text))))
+
+
+def positive_share(words):
+    """Share of words with a positive valence in VADER's lexicon; boosters ("super") do not count."""
+    positive = _positive_words()
+    return sum(w in positive for w in words) / len(words) if words else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _positive_words():
+    lexicon, boosters = _vader()[:2]
+    return frozenset(w for w, v in lexicon.items() if v > 0 and w not in boosters)
+
+
+def gush_share(text):
+    """Boosters ("very", "so", "really", "super") and "!" per word."""
     words = _words(text)
+    return (sum(w in INTENSIFIERS for w in words) + text.count("!")) / len(words) if words else 0.0
+
+
+def _stem(word):
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
+def off_topic(prompt, words):
+    """1 when none of the prompt's content words (not STOPWORDS, 3+ letters; a plural counts as its
+    singular) comes back in the response, else 0; 0 when the prompt has no content words."""
+    wanted = {_stem(w) for w in _words(prompt) if len(w) >= 3 and w not in STOPWORDS}
+    if not wanted:
+        return 0.0
+    return 0.0 if wanted & {_stem(w) for w in set(words)} else 1.0
+
+
+@functools.lru_cache(maxsize=1 << 16)  # pairs and rater pools score the same text many times
+def _parts(prompt, text, ended):
+    model, floor = corpus_model()
+    text = plain_quotes(text)
+    words = _words(text)
+    all_sentences = _sentences(text)
+    flags = _reader_flags(all_sentences)
+    sentences = [s for s, reader in zip(all_sentences, flags) if not reader]
+    sizes = [len(_words(s)) for s in sentences]
     parts = {
-        "sentiment": _sentiment(text),
+        "sentiment": _weighted_sentiment(sentences, sizes),
+        "ending": _weighted_sentiment(sentences, sizes, ENDING_WORDS),
+        "short": max(0.0, 1.0 - len(words) / SHORT_WORDS),
+        "choppy": max(0.0, 1.0 - len(words) / max(1, len(all_sentences)) / CHOPPY_WORDS) if words else 0.0,
+        "unlike_corpus": min(2.0, max(0.0, floor - model.logprob(text))) if words else 0.0,
+        "positive_excess": min(0.5, max(0.0, positive_share(words) - POSITIVE_FREE)),
         "repeat_share": repeat_share(words),
+        "gush_excess": min(0.4, max(0.0, gush_share(text) - GUSH_FREE)),
+        "reader_sentences": float(min(2, sum(flags))),
+        "off_topic": off_topic(prompt, words) if words else 0.0,
         "no_end": float(not ended),
         "empty": float(not words),
     }
-    parts["gold"] = (parts["sentiment"] - REPEAT_WEIGHT * parts["repeat_share"]
+    parts["gold"] = (0.5 * parts["sentiment"] + 0.5 * parts["ending"]
+                     - SHORT_WEIGHT * parts["short"] - CHOPPY_WEIGHT * parts["choppy"]
+                     - FLUENCY_WEIGHT * parts["unlike_corpus"] - POSITIVE_WEIGHT * parts["positive_excess"]
+                     - REPEAT_WEIGHT * parts["repeat_share"] - GUSH_WEIGHT * parts["gush_excess"]
+                     - READER_WEIGHT * parts["reader_sentences"] - TOPIC_WEIGHT * parts["off_topic"]
                      - NO_END_PENALTY * parts["no_end"] - EMPTY_PENALTY * parts["empty"])
     return parts
 
 
-def gold_score(text, ended):
-    return gold_parts(text, ended)["gold"]
+def gold_parts(prompt, text, ended):
+    """The terms of the gold score and the score itself ("gold"). Only text before the first
+    <|endoftext|> counts. Sentences that talk to the reader count in reader_sentences, not in sentiment."""
+    return dict(_parts(prompt, text.split(EOT, 1)[0], bool(ended)))
 
 
-def gold_scores(texts, ended_flags):
+def gold_score(prompt, text, ended):
+    return _parts(prompt, text.split(EOT, 1)[0], bool(ended))["gold"]
+
+
+def gold_scores(prompts, texts, ended_flags):
     """Gold scores of a batch of responses -> np.ndarray (N,)."""
-    if len(texts) != len(ended_flags):
-        raise ValueError(f"gold_scores got {len(texts)} texts but {len(ended_flags)} ended flags")
-    return np.array([gold_score(t, e) for t, e in zip(texts, ended_flags)], dtype=np.float64)
-
-
-@dataclass
-class Rater:
-    name: str
-    noise: float               # temperature of the Bradley-Terry choice; larger = more random
-    bias: str | None = None    # None, "length" or "flowery": a hidden taste the gold judge lacks
-    bias_weight: float = 0.0   # utility added at full strength of the bias
-
-    def __post_init__(self):
-        if not self.noise > 0:
-            raise ValueError(f"rater {self.name}: noise must be > 0, got {self.noise}")
-        if self.bias not in (None, "length", "flowery"):
-            raise ValueError(f"rater {self.name}: bias must be None, 'length' or 'flowery', got {self.bias!r}")
-
-
-def bias_bonus(rater, text):
-    """The hidden part of a rater's utility.
-
-    length:  bias_weight * words / 100
-    flowery: bias_weight * min(1, (intensifiers + "!") per 10 words)
-    """
-    if rater.bias is None:
-        return 0.0
-    text = text.split(EOT, 1)[0]
-    words = _words(text)
-    if rater.bias == "length":
-        return rater.bias_weight * len(words) / 100
-    if not words:
-        return 0.0
-    gushes = sum(w in INTENSIFIERS for w in words) + text.count("!")
-    return rater.bias_weight * min(1.0, gushes * 10 / len(words))
-
-
-def rater_utility(rater, text, ended):
-    return gold_score(text, ended) + bias_bonus(rater, text)
-
-
-def _sigmoid(x):
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
-
-
-def prefer_prob(rater, a, b, ended_a, ended_b):
-    # P(a > b) = sigmoid((u(a) - u(b)) / noise)   (Bradley & Terry 1952; Ziegler et al. 2019)
-    return _sigmoid((rater_utility(rater, a, ended_a) - rater_utility(rater, b, ended_b)) / rater.noise)
-
-
-def rater_prefers(rater, a, b, ended_a, ended_b, rng):
-    """One noisy judgement: True if the rater prefers a. Uses one rng.random() draw."""
-    return bool(rng.random() < prefer_prob(rater, a, b, ended_a, ended_b))
-
-
-def make_rater_pool(n_raters, noise_low, noise_high, bias=None, bias_weight=0.0):
-    """Raters "rater0".. with noises log-spaced from noise_low to noise_high, so they disagree."""
-    if n_raters < 1 or not 0 < noise_low <= noise_high:
-        raise ValueError(f"need n_raters >= 1 and 0 < noise_low <= noise_high, "
-                         f"got {n_raters}, {noise_low}, {noise_high}")
-    noises = np.geomspace(noise_low, noise_high, n_raters)
-    return [Rater(f"rater{i}", float(s), bias, bias_weight) for i, s in enumerate(noises)]
-
-
-def label_pairs(prompts, responses_per_prompt, ended_per_prompt, raters, rng, k=2):
-    """Turn k responses per prompt into preference rows.
-
-    For each prompt one rater, drawn with rng.integers(len(raters)), compares all
-    C(k, 2) pairs (i < j, in order), each with one independent rng.random() draw against
-    prefer_prob. For k > 2 this stands in for the rater's ranking, but the draws are
-    independent, so a noisy rater's comparisons can be cyclic (a > b > c > a), which the
-    Bradley-Terry loss takes as it comes. As in InstructGPT (Ouyang et al. 2022, sec 3.5)
-    the comparisons of one prompt form one batch element, so each pair weighs 1 / C(k, 2).
-    A pair of identical texts states no preference and is skipped (without a draw).
-    """
-    if not len(prompts) == len(responses_per_prompt) == len(ended_per_prompt):
-        raise ValueError("label_pairs needs one list of responses and one list of ended flags per prompt")
-    if k < 2 or not raters:
-        raise ValueError(f"label_pairs needs k >= 2 and at least one rater, got k={k}, {len(raters)} raters")
-    weight = 1.0 / (k * (k - 1) / 2)
-    rows = []
-    for group, (prompt, texts, ended) in enumerate(zip(prompts, responses_per_prompt, ended_per_prompt)):
-        if len(texts) != k or len(ended) != k:
-            raise ValueError(f"prompt {group}: expected k={k} responses and ended flags, "
-                             f"got {len(texts)} and {len(ended)}")
-        rater = raters[rng.integers(len(raters))]
-        for i in range(k):
-            for j in range(i + 1, k):
-                if texts[i] == texts[j]:
-                    continue
-                c, r = (i, j) if rater_prefers(rater, texts[i], texts[j], ended[i], ended[j], rng) else (j, i)
-                rows.append({"prompt": prompt, "chosen": texts[c], "rejected": texts[r],
-                             "rater": rater.name, "weight": weight,
-                             "chosen_ended": bool(ended[c]), "rejected_ended": bool(ended[r]),
-                             "group": group})
-    return rows
-
-
-def inter_rater_agreement(raters, pairs, rng, n=None):
-    """Mean, over all pairs of raters, of the fraction of text pairs on which they agree.
-
-    pairs: list of (a, b, ended_a, ended_b). Every rater labels the same pairs (the
-    first n of a random order when n is given), so this is the chance that two
-    different raters of the pool agree on a pair.
-    """
-    if len(raters) < 2:
-        raise ValueError("inter_rater_agreement needs at least 2 raters")
-    if n is not None:
-        pairs = [pairs[i] for i in rng.permutation(len(pairs))[:n]]
-    labels = np.array([[rater_prefers(rater, *pair, rng) for pair in pairs] for rater in raters])  # (R, P)
-    agree = [np.mean(labels[r] == labels[s]) for r in range(len(raters)) for s in range(r + 1, len(raters))]
-    return float(np.mean(agree))
-
-
-def gold_accuracy(rows):
-    """Fraction of rows where gold(chosen) > gold(rejected), ties counting 1/2.
-
-    The accuracy the gold judge itself reaches on these noisy labels: a reward model
-    trained on them cannot be expected to beat it. Rows without *_ended keys count as ended.
-    """
-    if not rows:
-        raise ValueError("gold_accuracy needs at least one row")
-    hits = 0.0
-    for row in rows:
-        chosen = gold_score(row["chosen"], row.get("chosen_ended", True))
-        rejected = gold_score(row["rejected"], row.get("rejected_ended", True))
-        hits += 1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0
-    return hits / len(rows)
+    if not len(prompts) == len(texts) == len(ended_flags):
+        raise ValueError(f"gold_scores got {len(prompts)} prompts, {len(texts)} texts and "
+                         f"{len(ended_flags)} ended flags: pass one of each per response")
+    return np.array([gold_score(p, t, e) for p, t, e in zip(prompts, texts, ended_flags)], dtype=np.float64)

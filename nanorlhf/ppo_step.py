@@ -144,13 +144,13 @@ def rollout_kl(batch, rt):
     return all_reduce_mean(((batch["old_logprobs"] - batch["ref_logprobs"]) * batch["mask"]).sum(1).mean(), rt)
 
 
-def iteration_metrics(batch, scores, ended, texts, kl, kl_coef, stats, rt):
+def iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, rt):
     """One iteration's log line: proxy reward and gold score of the rollouts, KL, and the update's statistics
     (their mean over minibatches; first_ratio / first_approx_kl from the first minibatch, 1 and 0: detail 3)."""
     mask = batch["mask"]
     first = stats[0]
     mean_stats = {k: float(all_reduce_mean(torch.stack([s[k] for s in stats]).mean(), rt)) for k in first}
-    gold = gold_scores(texts, ended.tolist())
+    gold = gold_scores(prompts, texts, ended.tolist())
     metrics = {
         "reward": float(all_reduce_mean(scores.mean(), rt)),
         "gold": float(all_reduce_mean(torch.tensor(np.mean(gold)), rt)),

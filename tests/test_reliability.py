@@ -44,7 +44,7 @@ from nanorlhf.tokenizer import make_encoding, tokenizer_from_state, tokenizer_st
 # The forked runs inherit what this process has loaded, so it loads what the scripts would load
 # themselves: matplotlib (~1 s, via metrics), torch._dynamo (imported by the first optimizer, ~2 s)
 # and VADER's lexicon (on the gold judge's first call)
-gold_score("A warm-up sentence.", True)
+gold_score("", "A warm-up sentence.", True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--preset", "tiny", "--device", "cpu", "--dtype", "float32")

@@ -104,14 +104,15 @@ def test_rm_trains_from_the_sft_checkpoint(sft_dir, tmp_path):
     assert abs(report["norm_mean"]) < 1e-5 and report["norm_std"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_rm_with_flowery_raters_reports_both_correlations_with_the_taste(sft_dir, tmp_path):
+@pytest.mark.parametrize("taste", ["flowery", "sycophancy"])
+def test_rm_with_biased_raters_reports_both_correlations_with_the_taste(sft_dir, tmp_path, taste):
     out = str(tmp_path / "rm")
-    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--rater_bias", "flowery")
+    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--rater_bias", taste)
     check_ok(result)
-    assert "bias flowery" in result.stdout and "correlation with gushing words" in result.stdout
+    assert f"bias {taste}" in result.stdout and f"hidden taste ({taste})" in result.stdout
     report = load_checkpoint(out, "rm")["report"]
-    for key in ("spearman_rm_flowery", "spearman_gold_flowery"):
-        assert math.isnan(report[key]) or -1 <= report[key] <= 1, key  # nan: no gushing word in any sample
+    for key in (f"spearman_rm_{taste}", f"spearman_gold_{taste}"):
+        assert math.isnan(report[key]) or -1 <= report[key] <= 1, key  # nan: the taste is absent from every sample
         assert f"{report[key]:.3f}" in result.stdout
 
 
