@@ -35,7 +35,7 @@ from test_data import CORPUS, RangeServer
 
 from conftest import left_padded, make_gpt
 
-gold_score("A warm-up sentence.", True)  # VADER's lexicon, loaded before the forks
+gold_score("", "A warm-up sentence.", True)  # VADER and the bigram model, loaded before the forks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--preset", "tiny", "--device", "cpu", "--dtype", "float32")
@@ -427,7 +427,7 @@ def test_5_a_new_rm_run_that_fails_before_its_first_checkpoint_leaves_the_folder
     new.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
                            for r in (rows * 80)[:80]))
     code, output = run("train_rm.py", *TINY, "--sft_dir", sft, "--out_dir", out, "--prefs", new, "--lr", "1e30",
-                       "--batch_size", "2", log=tmp_path / "rm.log")
+                       "--batch_size", "2", "--max_bad_steps", "2", log=tmp_path / "rm.log")
     assert code != 0 and "Traceback" not in output, output[-3000:]
     assert read(ckpt_path(out)) == old_ckpt
     assert read(out / "prefs.jsonl") == old_prefs
