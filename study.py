@@ -42,7 +42,7 @@ from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_confi
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.evaluate import evaluate_policy
 from nanorlhf.metrics import read_metrics, spearman
-from nanorlhf.runtime import setup_runtime
+from nanorlhf.runtime import run_child, setup_runtime
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -107,7 +107,7 @@ def run_stage(script, out_dir, **flags):
     print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = run_child(command, stdout=log, stderr=subprocess.STDOUT)  # signals reach it; it is waited for
     if code != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]

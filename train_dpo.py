@@ -27,14 +27,15 @@ from nanorlhf.model import response_logprobs
 from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, warmup_lr
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt
 from nanorlhf.reward import encode_pairs, group_rows, ranked_right, response_ids
-from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop
+from nanorlhf.runtime import end_loop, end_step, for_training, guarded_sample, make_guard, restore, setup_runtime, \
+    start_loop
 from nanorlhf.sampler import sample_responses
 
 EVALS_PER_RUN = 10  # validation, a sample and a checkpoint this many times per run (and at the end)
 EVAL_PAIRS = 256  # pairs scored at each evaluation (validation, and a train subset): accuracy to about ±3%
 
 cfg = parse_config(DPOConfig, "dpo", description=__doc__)
-rt = setup_runtime(cfg)
+rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
     print(f"device {rt.device} | precision {rt.dtype} | processes {rt.world_size}")
@@ -194,7 +195,7 @@ while step < cfg.max_iters:
     end_step(run, step, metrics, save, log_due=step % cfg.log_every == 0 or "val_acc" in metrics,
              save_due="val_acc" in metrics, finite=(metrics.get("val_loss", 0.0),))
     if "val_acc" in metrics and rt.is_main:
-        print_continuation(sample_prompt)
+        guarded_sample(run, step, lambda: print_continuation(sample_prompt))  # not while the steps are bad
 end_loop(run)
 
 if rt.is_main:

@@ -27,11 +27,11 @@ from nanorlhf.ppo import AdaptiveKLController, FixedKLController
 from nanorlhf.ppo_step import advantages, batch_sizes, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
     ppo_update, rollout, score_responses, value_model_from
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
-    train_missing_stages
+    stop_if_diverged, train_missing_stages
 from nanorlhf.sampler import make_decode_step
 
 cfg = parse_config(PPOConfig, "ppo", description=__doc__)
-rt = setup_runtime(cfg)
+rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
 train_missing_stages(cfg, rt, ("sft", "rm"))
@@ -98,8 +98,9 @@ for iteration in range(start, cfg.iterations):
     prompts = [train_prompts[i] for i in rows]
     prompt, prompt_mask = left_pad(encode_prompts(enc, prompts, cfg.max_prompt_tokens), enc.eot_token, rt.device,
                                    width=cfg.max_prompt_tokens if decode_step else None)
-    batch = rollout(policy, prompt, prompt_mask, cfg.max_new_tokens, cfg.temperature, enc.eot_token, rt, generator,
-                    decode_step)
+    with stop_if_diverged(run, iteration + 1):  # a diverged policy stops the run with the guard's message
+        batch = rollout(policy, prompt, prompt_mask, cfg.max_new_tokens, cfg.temperature, enc.eot_token, rt,
+                        generator, decode_step)
     t1 = time.time()
     # 2. score: the normalised RM reward at the last real token, a penalty where the response never ended
     scores, ended = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt)

@@ -28,12 +28,12 @@ from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, war
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt, write_prefs
 from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normalised_scores, \
     normaliser, ranked_right
-from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, save_step, setup_runtime, \
-    start_loop
+from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, next_path, restore, save_step, \
+    setup_runtime, start_loop
 from nanorlhf.sampler import sample_responses
 
 cfg = parse_config(RMConfig, "rm", description=__doc__)
-rt = setup_runtime(cfg)
+rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
 try:
@@ -66,7 +66,7 @@ if cfg.prefs:
     if rt.is_main:
         print(f"read {len(rows)} preference pairs from {cfg.prefs}")
         if os.path.abspath(cfg.prefs) != os.path.abspath(prefs_path):  # beside the RM, where train_dpo.py reads them
-            write_prefs(prefs_path, rows)
+            write_prefs(next_path(prefs_path), rows)  # in place at the first checkpoint (runtime.save_step)
 elif resume_ckpt is not None:
     try:
         rows = read_prefs(prefs_path)  # the pairs the interrupted run labelled
@@ -103,7 +103,7 @@ else:
         if rt.is_main:
             print(f"+ {len(old_rows)} pairs of earlier rounds from {cfg.extra_prefs}")
     if rt.is_main:
-        write_prefs(prefs_path, rows)
+        write_prefs(next_path(prefs_path), rows)  # in place at the first checkpoint: the old RM keeps its pairs
 digest = prefs_digest(rows)
 if resume_ckpt is not None and resume_ckpt.get("prefs_digest") != digest:
     raise SystemExit(f"--resume: the preference pairs in {cfg.prefs or prefs_path} are not the ones the checkpoint "
@@ -198,6 +198,10 @@ norm_sampled = sample_responses(policy, enc, norm_prompts, cfg.max_prompt_tokens
                                 cfg.temperature, batch_size=cfg.sample_batch, generator=generator)
 raw = normalised_scores(rm, 1.0, 0.0, norm_sampled["batches"], rt)  # 1 * raw + 0: the raw scores
 gain, bias = normaliser(raw)
+if not (math.isfinite(gain) and math.isfinite(bias)) or float(raw.std()) < 1e-6:  # a constant or broken score
+    raise SystemExit(f"the reward model gives the same score (std {float(raw.std()):.3g}) to all {len(raw)} "
+                     f"normalisation samples: it learned nothing to rank them by, so it is not saved "
+                     f"({guard.still_holds()}); check the preference pairs and --lr")
 normed = gain * raw + bias  # what PPO will see on SFT samples: mean 0, std 1 (docs/design.md detail 11)
 eval_prompts = [val_prompts[i % len(val_prompts)] for i in range(cfg.eval_samples)]
 fresh = sample_responses(policy, enc, eval_prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,

@@ -23,12 +23,12 @@ from nanorlhf.flops import peak_flops, training_speed
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.model import GPT, GPTConfig, load_pretrained_gpt2
 from nanorlhf.optim import backward, cosine_lr, make_optimizer, optimizer_step, set_lr
-from nanorlhf.runtime import end_loop, end_step, make_guard, restore, setup_runtime, start_loop
+from nanorlhf.runtime import end_loop, end_step, guarded_sample, make_guard, restore, setup_runtime, start_loop
 from nanorlhf.sampler import generate
 from nanorlhf.tokenizer import get_tokenizer, tokenizer_from_state, tokenizer_state
 
 cfg = parse_config(SFTConfig, "sft", description=__doc__)
-rt = setup_runtime(cfg)
+rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
     print(f"device {rt.device} | precision {rt.dtype} | processes {rt.world_size}")
@@ -202,7 +202,7 @@ while step < cfg.max_iters:
     end_step(run, step, metrics, save, log_due=step % cfg.log_every == 0 or "val_loss" in metrics,
              save_due=better, stop_save=better)
     if rt.is_main and (step % cfg.sample_every == 0 or step == cfg.max_iters):
-        print_continuations()
+        guarded_sample(run, step, print_continuations)  # not while the steps are bad
 end_loop(run)
 
 if rt.is_main:

@@ -7,6 +7,7 @@ previous checkpoint whole. Loading checks the zip archive and its CRC-32s first,
 torch.load(weights_only=True): a checkpoint can hold tensors and plain python values, never
 code, so a file from a stranger cannot run anything.
 """
+import io
 import os
 import pickle
 import random
@@ -19,6 +20,8 @@ from nanorlhf.io import atomic_write
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.tokenizer import same_tokenizer, tokenizer_from_state
 
+# the keys every checkpoint holds (save_checkpoint's callers write them all); a file without one is refused
+REQUIRED = {"stage", "model", "model_config", "config", "tokenizer", "step"}
 # the command that makes each stage's checkpoint, for error messages
 MAKES = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py",
          "dpo": "python train_dpo.py"}
@@ -32,8 +35,23 @@ def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.pt")
 
 
+class NonFiniteWeightsError(ValueError):
+    pass
+
+
 def save_checkpoint(out_dir, ckpt):
-    atomic_write(ckpt_path(out_dir), lambda f: torch.save(ckpt, f))
+    """Write ckpt atomically. Weights that hold nan or inf are refused (NonFiniteWeightsError): such a model
+    is broken, and must not replace a good one. The archive is built in memory first, so that a failed write
+    (a full disk) raises a plain OSError and leaves the old file whole."""
+    for key in ("model", "value_model"):
+        part = ckpt.get(key)
+        weights = [t for t in part.values() if torch.is_tensor(t) and t.is_floating_point()] \
+            if isinstance(part, dict) else []
+        if weights and not all(bool(torch.isfinite(t).all()) for t in weights):
+            raise NonFiniteWeightsError(f"the {key}'s weights hold nan or inf")
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write(ckpt_path(out_dir), lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(out_dir, stage=None, flag=None):
@@ -74,9 +92,13 @@ def load_checkpoint(out_dir, stage=None, flag=None):
     except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, KeyError, ...: all mean a damaged file
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
                               f"delete it and re-run `{make}`") from e
-    missing = {"stage", "model", "model_config", "tokenizer", "step"} - set(ckpt if isinstance(ckpt, dict) else {})
+    missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
-        raise CheckpointError(f"{path} is not a nanorlhf checkpoint (no {sorted(missing)} keys)")
+        raise CheckpointError(f"{path} is not a nanorlhf checkpoint (no {sorted(missing)} keys): only load "
+                              f"checkpoints nanorlhf wrote; re-run `{make}`")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["model_config"], dict):
+        raise CheckpointError(f"{path} is not a nanorlhf checkpoint ('model' and 'model_config' must be dicts): "
+                              f"re-run `{make}`")
     if stage is not None and ckpt["stage"] != stage:
         raise CheckpointError(f"{path} is a {ckpt['stage']!r} checkpoint but a {stage!r} one is needed here — "
                               f"run `{make}` or pass the right directory")
@@ -162,12 +184,24 @@ def load_model(out_dir, stage, device, tokenizer_of=None, flag=None, fits=None):
         raise CheckpointError(f"the reward model in {out_dir} stopped at step {ckpt['step']}, before it finished: "
                               f"rerun the command that made it with --resume "
                               f"(`{MAKES['rm']} --resume --out_dir {out_dir}`)")
-    config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (docs/design.md detail 9)
+    try:
+        config = GPTConfig(**{**ckpt["model_config"], "dropout": 0.0})  # dropout off for RL (docs/design.md detail 9)
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt_path(out_dir)}: its model_config is not a GPTConfig ({e}): re-run "
+                              f"`{MAKES.get(stage)}`") from None
     model = ScalarGPT(config) if stage == "rm" else GPT(config)
+    wanted, stored = set(model.state_dict()), set(ckpt["model"])
+    if wanted != stored:
+        differ = "; ".join(f"{what} {sorted(keys)[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", wanted - stored), ("unexpected", stored - wanted)) if keys)
+        raise CheckpointError(f"{ckpt_path(out_dir)}: its weights do not match its model config ({differ}): the "
+                              f"file was edited or is damaged; re-run `{MAKES.get(stage)}`")
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{out_dir}/ckpt.pt does not match its stored model config ({str(e)[:200]})") from e
+    except RuntimeError as e:  # a tensor of another shape
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{ckpt_path(out_dir)} does not match its stored model config ({reason}): re-run "
+                              f"`{MAKES.get(stage)}`") from None
     enc = tokenizer_from_state(ckpt["tokenizer"])
     if enc.n_vocab != config.vocab_size:
         raise CheckpointError(f"{out_dir}/ckpt.pt: tokenizer has {enc.n_vocab} tokens but the model "

@@ -33,18 +33,29 @@ class NonFiniteGuard:
         self.in_a_row = 0  # bad steps since the last good one
         self.skipped = 0  # bad steps in all
         self.saved_step = None  # the step of the last checkpoint written while the steps were good
+        self.steps = self.good = 0  # steps this run checked, and the good ones among them
+        self.last_step = None
 
-    def check(self, step, loss, grads_finite, scaler=None):
-        """-> True if the step was good. loss: the step's loss; grads_finite: from optimizer_step."""
+    def check(self, step, loss, grads_finite, scaler=None, what=None):
+        """-> True if the step was good. loss: the step's loss; grads_finite: from optimizer_step.
+        what: what else was non-finite (sampling's logits), counted as a bad step too."""
         loss = float(loss)
+        if what is None:
+            self.steps += 1
+        self.last_step = step
         if math.isfinite(loss) and grads_finite:
             self.in_a_row = 0
+            self.good += 1
             return True
+        if what is not None:
+            self.good -= 1  # the step checked good before its weights gave non-finite logits
         self.skipped += 1
         if scaler is not None and scaler.is_enabled() and math.isfinite(loss) and scaler.get_scale() >= 1.0:
+            self.good += 1  # not a failure: the run goes on as it should
             return False  # an fp16 gradient overflow: the GradScaler lowered its scale, as it is meant to
         self.in_a_row += 1
-        print(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} (loss {loss}), "
+        what = what or ("loss" if not math.isfinite(loss) else "gradient")
+        print(f"step {step}: non-finite {what} (loss {loss}), "
               f"step skipped ({self.in_a_row} in a row, {self.skipped} in all)", flush=True)
         if self.in_a_row >= self.max_bad_steps:
             raise SystemExit(self.message(step))
@@ -59,6 +70,21 @@ class NonFiniteGuard:
         if self.in_a_row == 0:
             self.saved_step = step
 
+    def still_holds(self):
+        """What the checkpoint file holds now, for the message of a run that stops without saving."""
+        if self.saved_step is not None:
+            return f"{self.ckpt_path} still holds step {self.saved_step}"
+        if os.path.exists(self.ckpt_path):
+            return f"{self.ckpt_path} was not replaced (it holds what it held before this run)"
+        return f"no checkpoint was written to {self.ckpt_path}"
+
+    def failed(self, step, reason=None):
+        """The message of a run that ends on bad steps (or with no good step at all): a failure, exit 1."""
+        bad = reason or (f"{self.in_a_row} step(s) in a row had a non-finite loss or gradient" if self.in_a_row else
+                         f"none of its {self.steps} steps had a finite loss and gradient")
+        return f"stopped at step {step}: {bad}, so this run is not saved. Likely causes:\n" + \
+            self.message(step).split("\n", 1)[1]
+
     def message(self, step):
         lower = [a for k, v in self.lrs.items() for a in (f"--{k}", f"{v / 10:g}")]
         causes = [f"the learning rate is too high ({', '.join(f'{k} {v:g}' for k, v in self.lrs.items())}): "
@@ -67,7 +93,8 @@ class NonFiniteGuard:
         if self.dtype == torch.float16:
             causes.insert(0, "fp16 overflow (dtype float16): try --dtype bfloat16, or --dtype float32")
         if self.saved_step is None:
-            where = f"no checkpoint was written before these steps: start again with {' '.join(lower)}"
+            where = (f"no checkpoint was written before these steps ({self.still_holds()}): start again with "
+                     f"{' '.join(lower)}")
         else:
             where = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step}); continue from it "
                      f"with: {resume_command(*lower)}")
@@ -111,11 +138,16 @@ class StopOnSignal:
             torch.distributed.barrier()
 
     def exit(self, path, step, saved_step=None):
-        """saved_step: the step the checkpoint at path holds, when that is not this one (SFT keeps its best)."""
+        """saved_step: the step the checkpoint at path holds (this one: saved now; another: SFT keeps its best,
+        or a bad step was not saved; None: this run saved nothing)."""
         if int(os.environ.get("RANK", 0)) == 0:  # every rank stops here; one of them says so
-            if saved_step is None or saved_step == step:
+            if saved_step == step:
                 print(f"stopped at step {step}: saved {path}\nto continue exactly where it stopped: "
                       f"{resume_command()}", flush=True)
+            elif saved_step is None:
+                print(f"stopped at step {step}: this run saved no checkpoint ({path} "
+                      f"{'is as it was before' if os.path.exists(path) else 'does not exist'}); start it again",
+                      flush=True)
             else:
                 print(f"stopped at step {step}: {path} holds step {saved_step}\nto continue from there: "
                       f"{resume_command()}", flush=True)

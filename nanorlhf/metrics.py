@@ -27,7 +27,11 @@ class MetricsLog:
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             if not resume and os.path.exists(self.path):
-                os.remove(self.path)
+                # a new run in a used folder: the old log stays until this run's first checkpoint replaces
+                # the old one (runtime.save_step puts metrics.jsonl.next in its place)
+                self.path += ".next"
+                if os.path.exists(self.path):
+                    os.remove(self.path)
 
     def keep_until(self, step):
         """On resume from a checkpoint at `step`: drop the records logged after it (and a line a

@@ -14,7 +14,7 @@ Rules (reading is all-or-nothing: a broken file stops the run before it starts):
     a policy that answers with <|endoftext|> at once gave an empty but real response
   * "prompt", when present, is a string; it may be empty (a reward model can score a bare
     response, and HH rows whose texts share no prefix get an empty prompt too)
-  * "weight", when present, is a positive number; it defaults to 1.0
+  * "weight", when present, is a number from 1e-6 to 1e6; it defaults to 1.0
   * "group", when present, is a non-negative integer shared by the rows of one ranking; either
     every row has one or none does (a row without one is its own group, numbered by its row)
   * other keys are kept as metadata
@@ -56,6 +56,9 @@ def split_hh(chosen, rejected):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6  # beyond these a weighted mean of losses over- or underflows (1e308 -> inf)
+
+
 def _check_row(row):
     """The problem with one parsed row, or None if it is fine."""
     if not isinstance(row, dict):
@@ -70,8 +73,10 @@ def _check_row(row):
     if "prompt" in row and not isinstance(row["prompt"], str):
         return "'prompt' must be a string"
     weight = row.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
-        return f"'weight' must be a positive number, got {weight!r}"
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+            not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
+        return (f"'weight' must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (only their ratios matter), "
+                f"got {weight!r}")
     # train_rm.py and train_dpo.py sort groups beside the row indices that number ungrouped rows,
     # and --extra_prefs adds the new prompt count: a negative group would join a new prompt's
     group = row.get("group", 0)

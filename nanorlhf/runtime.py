@@ -4,6 +4,7 @@ they are missing; resuming; wrapping a model for training (torch.compile, DDP); 
 training step (skipped steps, log, save, stop), one function for all four trainers."""
 import contextlib
 import dataclasses
+import fcntl
 import os
 import random
 import shlex
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import ckpt_path, set_rng_state
+from nanorlhf.checkpoint import NonFiniteWeightsError, ckpt_path, set_rng_state
 from nanorlhf.config import CommonConfig
 from nanorlhf.distributed import wrap_ddp
 from nanorlhf.guard import NonFiniteGuard, StopOnSignal
 from nanorlhf.metrics import MetricsLog
+from nanorlhf.sampler import NonFiniteLogitsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the train_*.py scripts are
@@ -49,12 +51,16 @@ def _plain_warning(message, category, filename, lineno, line=None):
     return f"{category.__name__}: {message}\n"  # a notice for the user, not a source line to debug
 
 
-def setup_runtime(cfg):
-    """Pick device and precision, seed everything, and join DDP when launched by torchrun."""
+def setup_runtime(cfg, writes=False):
+    """Pick device and precision, seed everything, and join DDP when launched by torchrun.
+    writes: a training run, which takes its out_dir for itself first (lock_out_dir)."""
     warnings.formatwarning = _plain_warning  # the scripts' warnings (a prompt cut to fit) print as one plain line
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
         raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")
+    if writes and rank == 0:
+        lock_out_dir(cfg.out_dir)
+        drop_stale_next(cfg.out_dir)
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -84,6 +90,49 @@ def setup_runtime(cfg):
     seed_everything(cfg.seed + rank)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return Runtime(device=device, dtype=dtype, rank=rank, world_size=world_size, scaler=scaler)
+
+
+_LOCK = None  # the open out_dir/.lock of this run: the kernel drops the lock when the process ends, even on SIGKILL
+
+
+def lock_out_dir(out_dir):
+    """Take out_dir for this run before anything in it is read or written: a second run on the same folder
+    would interleave its metrics and checkpoints with this one's. Creating the lock file is also the check
+    that out_dir can be written at all, before any data or model work."""
+    global _LOCK
+    path = os.path.join(out_dir, ".lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise SystemExit(f"cannot write to --out_dir {out_dir} ({e.strerror}): pass a folder this user can "
+                         f"write") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"another run (pid {pid}) is writing {out_dir}: wait for it, or pass another --out_dir") \
+            from None
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    _LOCK = f
+
+
+def run_child(command, **kwargs):
+    """subprocess.run for a stage trained as a child process: SIGINT, SIGTERM and SIGHUP sent to this
+    process are passed on to the child, and this process waits for it, so that no stage goes on writing
+    after the command that started it has ended. -> the child's exit code."""
+    # its own process group: a Ctrl-C at the terminal reaches this process alone, which passes it on once
+    # (twice would be the child's "Ctrl-C again stops at once, without saving")
+    child = subprocess.Popen(command, process_group=0, **kwargs)
+    forward = lambda signum, frame: child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return child.wait()  # a signal runs `forward`, then the wait goes on
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def set_cuda_kernels():
@@ -127,16 +176,36 @@ def train_missing_stages(cfg, rt, stages=("sft", "rm")):
         shown = shlex.join(["python", *command[1:]])
         print(f"no {stage} checkpoint at {ckpt_path(out_dir)}: training it first with the same settings:\n  {shown}",
               flush=True)
-        # Ctrl-C belongs to the child meanwhile: it saves its checkpoint and stops (a Python handler,
-        # unlike SIG_IGN, is not inherited, so the child gets its own)
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        returncode = subprocess.run(command).returncode
-        signal.signal(signal.SIGINT, previous)
-        if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-            raise SystemExit(f"{script} was stopped and saved its checkpoint; finish it with\n  "
-                             f"{shown} --resume\nthen run this command again")
+        # Ctrl-C and SIGTERM reach the child (it saves its checkpoint and stops), and this run waits for it
+        returncode = run_child(command)
+        if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # its StopOnSignal saved and stopped it
+            print(f"{script} was stopped and saved its checkpoint; finish it with\n  {shown} --resume\n"
+                  f"then run this command again", file=sys.stderr, flush=True)
+            sys.exit(returncode)
+        if returncode < 0:  # killed by a signal before its training loop: nothing of it to resume
+            print(f"{script} was stopped ({signal.Signals(-returncode).name}) before it saved a checkpoint; "
+                  f"run this command again", file=sys.stderr, flush=True)
+            sys.exit(128 - returncode)
         if returncode != 0:
             raise SystemExit(f"{script} failed; fix that stage first")
+
+
+def next_path(path):
+    """Where a new (not resumed) run writes a file its folder already holds, such as prefs.jsonl: path.next,
+    put in place by the run's first checkpoint (save_step), so that a run that fails before it leaves the
+    folder's old files as they were, consistent with its old checkpoint."""
+    return path + ".next"
+
+
+def pending_files(out_dir):
+    return [os.path.join(out_dir, name[:-len(".next")]) for name in sorted(os.listdir(out_dir))
+            if name.endswith(".next")] if os.path.isdir(out_dir) else []
+
+
+def drop_stale_next(out_dir):
+    """A .next file of an earlier run that stopped before its first checkpoint: not this run's data."""
+    for path in pending_files(out_dir):
+        os.remove(next_path(path))
 
 
 # ---------------------------------------------------------------- resume, and the modules that train
@@ -185,10 +254,26 @@ def start_loop(cfg, rt, guard, start, resumed):
 
 
 def save_step(run, save, step):
-    """Write a checkpoint (rank 0; save(step) builds and writes it) and note it as the last good one."""
+    """Write a checkpoint (rank 0; save(step) builds and writes it) and note it as the last good one. Every
+    save of every trainer comes here: a checkpoint is written only after a good step and with finite weights,
+    and a write that fails (a full disk) stops the run saying what the old checkpoint still holds.
+    -> True (the run goes on); a save that must not happen exits with a message instead."""
+    if not run.guard.can_save():
+        raise SystemExit(run.guard.failed(step))
     if run.rt.is_main:
-        save(step)
+        try:
+            save(step)
+        except NonFiniteWeightsError as e:
+            raise SystemExit(run.guard.failed(step, f"step {step} left non-finite weights ({e})")) from None
+        except OSError as e:
+            raise SystemExit(f"could not write {run.path} ({e.strerror or e}; disk full?): free space or pass another "
+                             f"--out_dir; {run.guard.still_holds()}") from None
+        for path in pending_files(os.path.dirname(run.path)):  # a new run's files, consistent with it now
+            os.replace(next_path(path), path)
+            if run.log.path == next_path(path):
+                run.log.path = path
     run.guard.saved(step)
+    return True
 
 
 def end_step(run, step, metrics, save, log_due, save_due=False, finite=(), stop_save=True):
@@ -202,18 +287,45 @@ def end_step(run, step, metrics, save, log_due, save_due=False, finite=(), stop_
     if log_due or stopping:
         run.log.log(step, **metrics)
     if stopping:
-        if stop_save:
+        if stop_save and run.guard.can_save(*finite):
             save_step(run, save, step)
-        elif run.guard.saved_step is None:  # nothing good to keep yet
+        elif run.guard.saved_step is None and not stop_save:  # nothing good to keep yet
             raise SystemExit(f"stopped at step {step} without a checkpoint: no good step to save yet")
         elif run.rt.is_main:
-            print(f"step {step} is not saved (no better than the checkpoint, or a bad step): the checkpoint stays "
-                  f"at step {run.guard.saved_step}", flush=True)
-        run.stop.exit(run.path, step, step if stop_save else run.guard.saved_step)
+            where = (f"the checkpoint stays at step {run.guard.saved_step}" if run.guard.saved_step is not None
+                     else run.guard.still_holds())
+            print(f"step {step} is not saved (no better than the checkpoint, or a bad step): {where}", flush=True)
+        run.stop.exit(run.path, step, step if run.guard.saved_step == step else run.guard.saved_step)
     if save_due and run.guard.can_save(*finite):
         save_step(run, save, step)
 
 
+def guarded_sample(run, step, sample):
+    """Samples or an evaluation printed during training: skipped while the last step was bad, and logits
+    that turn non-finite count as a bad step of the guard (a message, not a traceback from the sampler)."""
+    if not run.guard.can_save():
+        return None
+    try:
+        return sample()
+    except NonFiniteLogitsError:
+        run.guard.check(step, float("nan"), False, what="logits while sampling")
+        return None
+
+
+@contextlib.contextmanager
+def stop_if_diverged(run, step):
+    """Sampling that the training needs (PPO's rollouts): logits that turn non-finite mean weights that
+    diverged, which no skipped step can mend: the run stops as the guard stops it, not with a traceback."""
+    try:
+        yield
+    except NonFiniteLogitsError:
+        raise SystemExit(run.guard.failed(step, "the policy's weights diverged (non-finite logits while "
+                                                "sampling)")) from None
+
+
 def end_loop(run):
-    """After the last step: Ctrl-C and SIGTERM back to their handlers; under DDP every rank waits here."""
+    """After the last step: Ctrl-C and SIGTERM back to their handlers; under DDP every rank waits here.
+    A run whose last step was bad, or that made no good step at all, is a failure: it exits non-zero."""
     run.stop.release()
+    if not run.guard.can_save() or (run.guard.steps and not run.guard.good):
+        raise SystemExit(run.guard.failed(run.guard.last_step))

@@ -76,7 +76,7 @@ def test_only_rank_0_logs_and_saves(sft_runs):
     _, two, result = sft_runs
     assert "processes 2" in result.stdout
     assert result.stdout.count("model: ") == 1  # one console, not one per rank
-    assert sorted(os.listdir(two)) == ["ckpt.pt", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(two)) == [".lock", "ckpt.pt", "loss.png", "metrics.jsonl"]  # .lock: rank 0's
 
 
 @pytest.fixture(scope="module")

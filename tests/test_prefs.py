@@ -53,7 +53,7 @@ def test_an_empty_response_that_ended_is_a_real_response(tmp_path):
     ('{"prompt": "x", "chosen": "a", "rejected": ""}', "'rejected' must be a non-empty string"),
     ('{"prompt": "x", "chosen": "a", "rejected": "a"}', "'chosen' and 'rejected' are the same text"),
     ('{"prompt": 1, "chosen": "a", "rejected": "b"}', "'prompt' must be a string"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "weight": -1}', "'weight' must be a positive number"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "weight": -1}', "'weight' must be a number from 1e-06 to 1e+06"),
     ('["a", "b"]', "expected a JSON object"),
     ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": "g1"}', "'group' must be a non-negative integer"),
     ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": 1.5}', "'group' must be a non-negative integer"),

@@ -3,10 +3,10 @@ names (1-9); each test drives the scripts as a user would (command line in, exit
 files on disk out) or calls the library function whose behaviour the class is about, so that the
 tests hold whatever the training code looks like inside.
 
-Tests marked RUNTIME need a fix in the training machinery (guard, saves, locks, signals) that is not
-made yet: they are strict xfails, so the suite stays green now and fails the day one passes (remove
-the mark then). The scripts run forked from this process with runpy, as in test_reliability.py: a
-real separate process for signals and exit codes, without paying `import torch` for each run.
+The mechanisms these tests hold are in nanorlhf/runtime.py (every save, the end of the loop, the out_dir
+lock, child stages), nanorlhf/guard.py and nanorlhf/checkpoint.py, shared by the four trainers. The scripts
+run forked from this process with runpy, as in test_reliability.py: a real separate process for signals
+and exit codes, without paying `import torch` for each run.
 """
 import hashlib
 import json
@@ -39,7 +39,6 @@ gold_score("", "A warm-up sentence.", True)  # VADER and the bigram model, loade
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--preset", "tiny", "--device", "cpu", "--dtype", "float32")
-RUNTIME = pytest.mark.xfail(reason="issue 17: needs runtime fix", strict=True)
 
 
 # ---------------------------------------------------------------- running scripts
@@ -160,7 +159,6 @@ def prefs_with(rm, path, n=None, **changes):
 
 # ---------------------------------------------------------------- 1. a guarded run overwrites a good model
 
-@RUNTIME
 def test_1_a_diverging_rm_run_does_not_replace_the_finished_rm_in_its_folder(root, sft, rm):
     """--lr 1e30: step 1 is finite, every later step is skipped as non-finite (fewer than max_bad_steps),
     and the final save must not replace the good RM with the broken one; the run fails."""
@@ -174,9 +172,69 @@ def test_1_a_diverging_rm_run_does_not_replace_the_finished_rm_in_its_folder(roo
     assert "Traceback" not in output and str(ckpt_path(out)) in output.splitlines()[-1]  # says what is still good
 
 
+def test_1_a_diverging_dpo_run_leaves_the_finished_dpo_folder_as_it_was(root, sft, rm, dpo):
+    """The same class through another trainer, and the folder's log too: a new DPO run (--lr 1e30) in a
+    finished DPO folder fails, and its checkpoint and metrics.jsonl stay the old run's (a new log takes the
+    old one's place only at the new run's first checkpoint)."""
+    out = root / "dpo_lr_1e30"
+    shutil.copytree(dpo, out)
+    before = {name: read(out / name) for name in ("ckpt.pt", "metrics.jsonl")}
+    code, output = run("train_dpo.py", *TINY, "--sft_dir", sft, "--rm_dir", rm, "--out_dir", out, "--lr", "1e30",
+                       log=root / "dpo_lr_1e30.log")
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert {name: read(out / name) for name in before} == before
+    assert str(ckpt_path(out)) in output.splitlines()[-1] and not claimed_saves(output)
+    # the failed run's own log is beside it, to read; the next run in this folder drops it
+    assert json.loads(open(out / "metrics.jsonl.next").readline())["step"] == 1
+
+
+def test_1_no_save_passes_a_bad_step_or_non_finite_weights(tmp_path):
+    """runtime.save_step, which every save of every trainer goes through: after a bad step, or with nan
+    weights, nothing is written and the run stops (exit 1) saying what the checkpoint file still holds."""
+    from types import SimpleNamespace
+    from nanorlhf.runtime import Runtime, make_guard, save_step, start_loop
+    cfg = SimpleNamespace(out_dir=str(tmp_path), resume=False, max_bad_steps=10)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    guard = make_guard(cfg, rt, {"lr": 1.0})
+    run_ = start_loop(cfg, rt, guard, 0, resumed=False)
+    run_.stop.release()
+    nan_model = lambda step: save_checkpoint(tmp_path, {"model": {"w": torch.tensor([1.0, float("nan")])}})
+    with pytest.raises(SystemExit, match=rf"non-finite weights.*\n(.*\n)*.*no checkpoint was written to "
+                                         rf"{re.escape(str(ckpt_path(tmp_path)))}"):
+        save_step(run_, nan_model, 1)
+    assert guard.check(1, float("nan"), True) is False
+    with pytest.raises(SystemExit, match="1 step.* in a row had a non-finite"):
+        save_step(run_, lambda step: pytest.fail("saved after a bad step"), 1)
+    assert not os.path.exists(ckpt_path(tmp_path))
+
+
+@pytest.mark.parametrize("earlier", [None, 3])
+def test_1_sigterm_after_a_bad_step_saves_nothing_and_says_what_the_file_holds(tmp_path, capsys, earlier):
+    """The save on SIGTERM passes the guard too: after a bad step it is not made, and the message says so
+    (no "saved" line), naming the step the checkpoint holds when this run saved one earlier."""
+    from types import SimpleNamespace
+    from nanorlhf.runtime import Runtime, end_step, make_guard, start_loop
+    cfg = SimpleNamespace(out_dir=str(tmp_path), resume=False, max_bad_steps=10)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    guard = make_guard(cfg, rt, {"lr": 1.0})
+    run_ = start_loop(cfg, rt, guard, 0, resumed=False)
+    if earlier:
+        guard.saved(earlier)
+    guard.check(5, float("nan"), True)
+    run_.stop.signum = signal.SIGTERM
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            end_step(run_, 5, {"loss": float("nan")}, lambda step: pytest.fail("saved a bad step"), log_due=True)
+    finally:
+        run_.stop.release()  # the test process's own Ctrl-C back
+    assert stopped.value.code == 128 + signal.SIGTERM
+    output = capsys.readouterr().out
+    assert not claimed_saves(output) and not os.path.exists(ckpt_path(tmp_path)), output
+    assert (f"the checkpoint stays at step {earlier}" if earlier else "this run saved no checkpoint") in output
+
+
 # ---------------------------------------------------------------- 2. "saved ckpt.pt" with no ckpt.pt
 
-@RUNTIME
 @pytest.mark.parametrize("script", ["train_dpo.py", "train_rm.py"])
 def test_2_a_run_without_a_finite_step_fails_and_claims_no_save(root, sft, rm, script, tmp_path):
     """Weights of 1e308 (valid numbers, accepted by the preference file's check) make every loss inf:
@@ -190,6 +248,39 @@ def test_2_a_run_without_a_finite_step_fails_and_claims_no_save(root, sft, rm, s
         assert os.path.exists(saved), f"claims to have saved {saved}:\n{output[-2000:]}"
     assert code != 0, output[-3000:]
     assert "Traceback" not in output
+
+
+def test_2_a_run_with_no_good_step_fails_below_max_bad_steps(tmp_path):
+    """runtime.end_loop: a run whose steps were all bad (here one, with max_bad_steps 10, so the guard never
+    stopped it) exits 1 after its loop, naming the checkpoint, instead of going on to a "saved" line."""
+    from types import SimpleNamespace
+    from nanorlhf.runtime import Runtime, end_loop, end_step, make_guard, start_loop
+    cfg = SimpleNamespace(out_dir=str(tmp_path), resume=False, max_bad_steps=10)
+    guard = make_guard(cfg, Runtime(torch.device("cpu"), torch.float32), {"lr": 1.0})
+    run_ = start_loop(cfg, Runtime(torch.device("cpu"), torch.float32), guard, 0, resumed=False)
+    guard.check(1, float("inf"), True)
+    end_step(run_, 1, {"loss": float("inf")}, lambda step: pytest.fail("saved a bad step"), log_due=True,
+             save_due=True)
+    with pytest.raises(SystemExit, match=rf"(?s)stopped at step 1: 1 step.*{re.escape(str(ckpt_path(tmp_path)))}"):
+        end_loop(run_)
+    good = make_guard(cfg, Runtime(torch.device("cpu"), torch.float32), {"lr": 1.0})
+    run_ = start_loop(cfg, Runtime(torch.device("cpu"), torch.float32), good, 0, resumed=False)
+    good.check(1, 0.5, True)
+    end_loop(run_)  # a run that ends on a good step goes on
+
+
+@pytest.mark.parametrize("weight", [1e308, 5e-324, 1e7, 1e-7, 0, -1, "nan", True])
+def test_2_preference_weights_out_of_range_are_refused_with_the_line(tmp_path, weight):
+    from nanorlhf.prefs import PreferenceFileError, read_prefs
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "c", "rejected": "d",
+                                                               "weight": weight}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PreferenceFileError, match=r"line 2: 'weight' must be a number from 1e-06 to 1e\+06"):
+        read_prefs(path)
+    rows[1]["weight"] = 1e6  # the bounds themselves are fine
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_prefs(path)[1]["weight"] == 1e6
 
 
 # ---------------------------------------------------------------- 3. non-finite numbers
@@ -258,7 +349,6 @@ def test_3_masked_tokens_of_minus_inf_still_sample():
     assert (token >= 7).all() and torch.isfinite(logprob).all()
 
 
-@RUNTIME
 def test_3_a_diverging_sft_run_that_prints_samples_stops_by_the_guard(root, sft):
     """The README's NaN example with samples every step: the guard must stop the run with the likely cause,
     before a sample is drawn from the broken weights (today: a traceback from inside the sampler)."""
@@ -271,9 +361,19 @@ def test_3_a_diverging_sft_run_that_prints_samples_stops_by_the_guard(root, sft)
     assert load_checkpoint(out, "sft")["step"] == 8
 
 
+def test_3_a_ppo_policy_that_diverges_stops_by_the_guard_at_its_next_rollout(root, sft, rm):
+    """--lr 1e30 with one update per iteration: the update's loss and gradients are finite, the weights it
+    leaves are not; the next rollout samples from them. A guard message and exit 1, not a sampler traceback."""
+    out = root / "ppo_diverged"
+    code, output = run("train_ppo.py", *TINY, "--sft_dir", sft, "--rm_dir", rm, "--out_dir", out, "--lr", "1e30",
+                       "--ppo_epochs", "1", "--n_minibatches", "1", log=root / "ppo_diverged.log")
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert "weights diverged" in output and "learning rate is too high" in output
+    assert not os.path.exists(ckpt_path(out)) and str(ckpt_path(out)) in output.splitlines()[-1]
+
+
 # ---------------------------------------------------------------- 4. two runs, one folder
 
-@RUNTIME
 def test_4_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_run_leaves_no_lock(root):
     out = root / "sft_two_runs"
     first = start("train_sft.py", *TINY, "--out_dir", out, "--max_iters", "100000", "--eval_every", "100000",
@@ -291,9 +391,30 @@ def test_4_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_run_leaves_n
     assert code == 0, output[-3000:]  # the killed run's lock does not stay behind
 
 
+@pytest.mark.parametrize("script", ["train_rm.py", "train_dpo.py", "train_ppo.py"])
+def test_4_every_trainer_refuses_a_folder_another_run_holds(root, sft, rm, script, tmp_path):
+    """The lock of every trainer, held here by another process: refused at once with its pid, nothing
+    written; once that process ends, the folder is free again (the kernel drops the lock)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / ".lock").write_text(f"{holder.pid}\n")
+        rm_dir = ("--rm_dir", rm) if script != "train_rm.py" else ()
+        code, output = run(script, *TINY, "--sft_dir", sft, *rm_dir, "--out_dir", out, log=tmp_path / "run.log")
+        assert code == 1 and output.splitlines()[-1] == (f"another run (pid {holder.pid}) is writing {out}: wait for "
+                                                         f"it, or pass another --out_dir"), output[-2000:]
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---------------------------------------------------------------- 5. data replaced before it is safe
 
-@RUNTIME
 def test_5_a_new_rm_run_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(root, sft, rm, tmp_path):
     """A new train_rm.py --prefs in a finished RM's folder, stopped by the guard (--lr 1e30) long before
     its first checkpoint (an epoch of 36 steps): prefs.jsonl must still be the pairs the RM in ckpt.pt was
@@ -306,7 +427,7 @@ def test_5_a_new_rm_run_that_fails_before_its_first_checkpoint_leaves_the_folder
     new.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
                            for r in (rows * 80)[:80]))
     code, output = run("train_rm.py", *TINY, "--sft_dir", sft, "--out_dir", out, "--prefs", new, "--lr", "1e30",
-                       "--batch_size", "2", log=tmp_path / "rm.log")
+                       "--batch_size", "2", "--max_bad_steps", "2", log=tmp_path / "rm.log")
     assert code != 0 and "Traceback" not in output, output[-3000:]
     assert read(ckpt_path(out)) == old_ckpt
     assert read(out / "prefs.jsonl") == old_prefs
@@ -314,7 +435,6 @@ def test_5_a_new_rm_run_that_fails_before_its_first_checkpoint_leaves_the_folder
 
 # ---------------------------------------------------------------- 6. orphans
 
-@RUNTIME
 def test_6_sigterm_to_ppo_stops_the_sft_stage_it_trains_as_a_child(root, rm):
     """train_ppo.py trains a missing SFT stage in a child process; SIGTERM to the parent must reach the
     child, and the parent must wait for it: no stage keeps writing after the command has ended."""
@@ -339,6 +459,27 @@ def test_6_sigterm_to_ppo_stops_the_sft_stage_it_trains_as_a_child(root, rm):
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+
+
+def test_6_run_child_passes_signals_on_and_waits(tmp_path):
+    """runtime.run_child (train_ppo.py's missing stages, study.py's stages): SIGTERM to the parent reaches
+    the child, which here takes 0.5 s to finish after it; the parent ends only after the child."""
+    child_code = ("import signal, sys, time\n"
+                  "def stop(signum, frame):\n    time.sleep(0.5)\n    open(sys.argv[1], 'w').write('stopped')\n"
+                  "    sys.exit(143)\n"
+                  "signal.signal(signal.SIGTERM, stop)\nprint('child ready', flush=True)\ntime.sleep(60)\n")
+    parent_code = ("import sys\nfrom nanorlhf.runtime import run_child\n"
+                   "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent_code, child_code, str(tmp_path / "flag")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "child ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+        assert (tmp_path / "flag").read_text() == "stopped"  # written by the child before the parent ended
+    finally:
         proc.kill()
         proc.communicate()
 
@@ -383,7 +524,6 @@ def test_8_kl_horizon_zero_is_refused_before_any_work(root):
     assert code == 2 and "kl_horizon must be >= 1" in output and "Traceback" not in output, output[-2000:]
 
 
-@RUNTIME
 def test_8_an_out_dir_that_cannot_be_written_fails_before_the_rm_samples(root, sft):
     """The out_dir is checked first, not after the whole sampling and labelling phase. (A path under a
     file: a read-only folder would not stop root, who runs some CI containers.)"""
@@ -393,6 +533,17 @@ def test_8_an_out_dir_that_cannot_be_written_fails_before_the_rm_samples(root, s
                        log=root / "unwritable.log")
     assert code != 0 and str(blocker / "rm") in output and "Traceback" not in output, output[-3000:]
     assert "sampled " not in output  # refused before the responses were sampled
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "train_ppo.py"])
+def test_8_every_trainer_checks_its_out_dir_first(root, sft, rm, script):
+    blocker = root / "a_file"
+    blocker.write_text("not a folder")
+    inputs = {"train_sft.py": (), "train_dpo.py": ("--sft_dir", sft, "--rm_dir", rm),
+              "train_ppo.py": ("--sft_dir", sft, "--rm_dir", rm)}[script]
+    code, output = run(script, *TINY, *inputs, "--out_dir", blocker / script, log=root / "unwritable.log")
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert output.splitlines()[-1].startswith(f"cannot write to --out_dir {blocker / script}"), output[-2000:]
 
 
 # ---------------------------------------------------------------- 9. tracebacks where a message is promised
@@ -475,9 +626,8 @@ def test_9_malformed_metrics_lines_on_resume_are_kept_and_skipped(root, sft):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
 
 
-@pytest.mark.parametrize("damage", ["no_model_config", "no_tokenizer", pytest.param("no_config", marks=RUNTIME),
-                                    pytest.param("extra_weight", marks=RUNTIME),
-                                    pytest.param("missing_weight", marks=RUNTIME)])
+@pytest.mark.parametrize("damage", ["no_model_config", "no_tokenizer", "no_config", "extra_weight",
+                                    "missing_weight", "wrong_shape", "model_not_a_dict"])
 def test_9_hand_made_checkpoints_with_missing_or_extra_fields_get_one_line(root, sft, damage, tmp_path):
     """A checkpoint dict edited by hand: the scripts that read it work, or stop with one line naming it."""
     ckpt = load_checkpoint(sft, "sft")
@@ -485,6 +635,11 @@ def test_9_hand_made_checkpoints_with_missing_or_extra_fields_get_one_line(root,
         del ckpt[damage.removeprefix("no_")]
     elif damage == "extra_weight":
         ckpt["model"]["extra.weight"] = torch.zeros(3)
+    elif damage == "wrong_shape":
+        key = next(k for k, v in ckpt["model"].items() if v.dim() == 2)
+        ckpt["model"][key] = torch.zeros(3, 3)
+    elif damage == "model_not_a_dict":
+        ckpt["model"] = [1, 2, 3]
     else:
         del ckpt["model"][next(iter(ckpt["model"]))]
     save_checkpoint(tmp_path / "sft", ckpt)
@@ -505,7 +660,6 @@ def dpo(root, sft, rm):
     return out
 
 
-@RUNTIME
 def test_9_a_full_disk_at_a_save_says_so_and_keeps_the_last_checkpoint(root, sft, rm, dpo):
     """Files may not grow past half a checkpoint (RLIMIT_FSIZE: the write fails with EFBIG as it would
     with ENOSPC on a full disk). The resumed run's final save fails: one line naming the file and the
