@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import json
 import os
+import resource
 import pickle
 import random
 import re
@@ -55,8 +56,9 @@ KILLS = 20
 
 # ---------------------------------------------------------------- running scripts
 
-def start(script, *args, log):
-    """Run `python script args` in a forked child, stdout and stderr to log; returns its pid."""
+def start(script, *args, log, limit_file_size=None):
+    """Run `python script args` in a forked child, stdout and stderr to log; returns its pid.
+    limit_file_size: bytes a file may grow to (RLIMIT_FSIZE): a write past it fails as a full disk does."""
     open(log, "w").close()  # exists (and is empty) before the child writes to it
     pid = os.fork()
     if pid:
@@ -68,6 +70,9 @@ def start(script, *args, log):
         sys.stdout = sys.stderr = out
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if limit_file_size is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
         os.chdir(REPO)
         sys.argv = [script, *map(str, args)]
         runpy.run_path(script, run_name="__main__")
@@ -97,9 +102,9 @@ def wait(pid, timeout=180):
         time.sleep(0.005)
 
 
-def run(script, *args, log):
+def run(script, *args, log, **kwargs):
     """Run a script to the end -> (exit code, its output)."""
-    code = wait(start(script, *args, log=log))
+    code = wait(start(script, *args, log=log, **kwargs))
     with open(log) as f:
         return code, f.read()
 

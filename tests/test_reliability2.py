@@ -13,99 +13,22 @@ import json
 import math
 import os
 import re
-import resource
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
-import time
-import traceback
 
 import pytest
 import torch
 
-import nanorlhf.metrics  # noqa: F401 - loaded once here, not in every forked run
 from nanorlhf.checkpoint import ckpt_path, load_checkpoint, save_checkpoint
 from nanorlhf.config import DPOConfig, EvalConfig, PPOConfig, RMConfig, SFTConfig, StudyConfig, make_config
 from nanorlhf.data import download
-from nanorlhf.judge import gold_score
 from nanorlhf.sampler import generate, naive_generate, sample_token
 from test_data import CORPUS, RangeServer
+from test_reliability import REPO, TINY, run, start, wait, wait_for  # the forked runs, and their warm-up
 
 from conftest import left_padded, make_gpt
-
-gold_score("", "A warm-up sentence.", True)  # VADER and the bigram model, loaded before the forks
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ("--preset", "tiny", "--device", "cpu", "--dtype", "float32")
-
-
-# ---------------------------------------------------------------- running scripts
-
-def start(script, *args, log, limit_file_size=None):
-    """Run `python script args` in a forked child, stdout and stderr to log; returns its pid.
-    limit_file_size: bytes a file may grow to (RLIMIT_FSIZE): a write past it fails as a full disk does."""
-    open(log, "w").close()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:  # the child: never returns into pytest
-        out = open(log, "a", buffering=1)
-        os.dup2(out.fileno(), 1), os.dup2(out.fileno(), 2)
-        sys.stdout = sys.stderr = out
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if limit_file_size is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
-        os.chdir(REPO)
-        sys.argv = [script, *map(str, args)]
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        os._exit(code)
-
-
-def wait(pid, timeout=180):
-    deadline = time.time() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.time() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise TimeoutError(f"child {pid} ran longer than {timeout} s")
-        time.sleep(0.005)
-
-
-def run(script, *args, log, **kwargs):
-    """Run a script to the end -> (exit code, its output)."""
-    code = wait(start(script, *args, log=log, **kwargs))
-    with open(log) as f:
-        return code, f.read()
-
-
-def wait_for(log, pattern, pid, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        with open(log) as f:
-            output = f.read()
-        if re.search(pattern, output, re.M):
-            return
-        assert ended is None, f"the run ended before {pattern!r}:\n{output[-3000:]}"
-        time.sleep(0.005)
-    raise TimeoutError(pattern)
 
 
 def alive(pid):
