@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from nanorlhf.config import StudyConfig, make_config
 from nanorlhf.evaluate import (best_of_n_blocks, best_of_n_kl, fit_goodhart, goodhart_curve, goodhart_features,
                                peak_vs_final, running_mean)
 
@@ -88,3 +89,13 @@ def test_peak_vs_final_by_hand():
     assert running_mean([1.0, 3.0, 5.0], 2).tolist() == [1.0, 2.0, 4.0]
     with pytest.raises(ValueError, match="at least window"):
         peak_vs_final([1.0], 2)
+
+
+def test_study_refuses_a_best_of_n_that_is_not_a_power_of_2():
+    for bad in (3, 48, -4):
+        with pytest.raises(ValueError, match="bon_max must be 0 .* or a power of 2"):
+            make_config(StudyConfig, "study", preset="tiny", bon_max=bad)
+    with pytest.raises(ValueError, match="bon_prompts must be >= 1"):
+        make_config(StudyConfig, "study", preset="tiny", bon_prompts=0)
+    assert make_config(StudyConfig, "study", preset="tiny", bon_max=0).bon_max == 0  # no best-of-n
+    assert make_config(StudyConfig, "study", preset="cpu").bon_max == 64
