@@ -1,6 +1,6 @@
 """Studies of what goes wrong, and what helps, when a policy optimises a learned reward.
 
-python study.py overoptimization        # biased raters -> RM -> PPO with a weak KL penalty, a long run
+python study.py overoptimization        # biased raters -> RM -> PPO with a weak KL penalty, and best-of-n
 python study.py beta_sweep              # PPO at several fixed KL coefficients: held-out gold and KL of each
 python study.py rounds --rounds 2       # iterated RLHF: fresh preferences on the current policy each round
 python study.py overoptimization --preset tiny --iterations 3 --rater_bias length   # seconds, for tests
@@ -8,7 +8,11 @@ python study.py overoptimization --preset tiny --iterations 3 --rater_bias lengt
 overoptimization (Gao et al. 2022): the reward model learns from raters with a hidden taste (length, or
   gushing words) that the gold judge lacks; PPO with a weak, fixed KL penalty then pushes on it. The proxy
   RM reward and the gold score of each PPO iteration's samples (train_ppo.py logs both) are drawn against
-  sqrt(KL to SFT): where the proxy keeps rising and gold stops, the policy exploits the RM.
+  sqrt(KL to SFT): where the proxy keeps rising and gold stops, the policy exploits the RM. Best-of-n on the
+  same RM (n = 1, 2, 4 .. --bon_max, from one draw of bon_max SFT samples per held-out prompt) is the other
+  way to spend KL. Both get Gao et al.'s forms fitted to the gain over SFT, d = sqrt(KL): RL
+  d (alpha - beta log d), best-of-n d (alpha - beta d); and PPO's gold a test: its best mean over SMOOTH
+  iterations against its last, in standard errors.
 beta_sweep: the same RM, PPO at each fixed beta; the final held-out gold against KL is the trade-off.
 rounds (InstructGPT, Ouyang et al. 2022; Bai et al. 2022): after a PPO segment the same simulated raters
   compare the current policy's samples, the RM is retrained on old + new pairs, and PPO continues from the
@@ -20,7 +24,9 @@ The training scripts run as subprocesses with the study's settings (--preset etc
 folder under out_dir (its console output in stdout.log there). A finished run with the same flags is
 reused, so a study can be rerun or extended; delete the folder to start over. Writes to out_dir:
   overoptimization.png/.json   per PPO iteration: sqrt(KL), proxy reward (as PPO sees it: the no-EOS penalty
-                               for unended responses), gold; one panel per bias
+                               for unended responses), gold ± s.e.; per n of best-of-n the same; the fits
+                               (alpha, beta, R²) and the peak test; one panel per bias
+  bon_samples.pt               the best-of-n SFT samples, reused while SFT and the settings stay
   beta_sweep.png/.json         per beta: held-out gold (± s.e.), KL, proxy reward, win rate vs SFT
   rounds.png/.json             per round, with and without new preferences: gold, KL, RM-vs-gold agreement
 """
@@ -40,17 +46,21 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
 from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.evaluate import evaluate_policy
+from nanorlhf.evaluate import (best_of_n_blocks, best_of_n_kl, evaluate_policy, fit_goodhart, goodhart_curve, mean_se,
+                               peak_vs_final)
+from nanorlhf.judge import gold_scores
 from nanorlhf.metrics import read_metrics, spearman
+from nanorlhf.reward import normalised_scores
 from nanorlhf.runtime import run_child, setup_runtime
+from nanorlhf.sampler import sample_responses
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 STUDIES = ("overoptimization", "beta_sweep", "rounds")
-BIASES = ("none", "length", "flowery")
+BIASES = ("none", "length", "flowery", "sycophancy")
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SMOOTH = 5  # iterations in the running mean drawn through the noisy per-iteration points
+SMOOTH = 5  # iterations per window of the peak-and-fall test on the noisy per-iteration gold
 
 study = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
 cfg = parse_config(StudyConfig, "study", sys.argv[2 if study else 1:], description=__doc__)
@@ -138,8 +148,15 @@ def ppo(out_dir, rm_dir, kl_coef, iterations=None, init_policy=""):
 
 
 def save_json(name, obj):
+    """obj as strict JSON: nan (a fit with too few points) is written as null."""
+    def strict(x):
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
     with open(os.path.join(cfg.out_dir, name), "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(strict(obj), f, indent=1, allow_nan=False)
 
 
 def save_figure(fig, name, title):
@@ -150,40 +167,138 @@ def save_figure(fig, name, title):
     print(f"saved {cfg.out_dir}/{name}")
 
 
-def running_mean(x, window=SMOOTH):
-    x = np.asarray(x, dtype=float)
-    return np.array([x[max(0, i - window + 1):i + 1].mean() for i in range(len(x))])
-
-
 # ---------------------------------------------------------------- the studies
+def bon_samples():
+    """cfg.bon_max SFT samples for each of cfg.bon_prompts held-out prompts (a prompt's side by side), drawn once
+    for every bias; kept in out_dir/bon_samples.pt while the SFT checkpoint and the sampling settings stay."""
+    try:
+        sft_model, enc, sft_ckpt = load_model(sft(), "sft", rt.device, fits=cfg)
+    except CheckpointError as e:
+        raise SystemExit(str(e))
+    _, val_stories = train_val_stories(load_corpus(cfg.dataset))
+    prompts = [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(cfg.bon_prompts)]
+    prompts = [p for p in prompts for _ in range(cfg.bon_max)]  # (P * N,)
+    key = {"sft": os.path.getmtime(ckpt_path(sft())), "prompts": prompts, "seed": cfg.seed,
+           **{k: getattr(cfg, k) for k in ("temperature", "max_prompt_tokens", "max_new_tokens")}}
+    path = os.path.join(cfg.out_dir, "bon_samples.pt")
+    saved = torch.load(path, map_location=rt.device, weights_only=True) if os.path.exists(path) else None
+    if saved is not None and saved["key"] == key:
+        print(f"best-of-n: the {len(prompts)} SFT samples in {path} (same SFT model and settings)")
+    else:
+        t0 = time.time()
+        sampled = sample_responses(sft_model.eval(), enc, prompts, cfg.max_prompt_tokens, cfg.max_new_tokens, rt,
+                                   cfg.temperature, batch_size=cfg.sample_batch,
+                                   generator=torch.Generator(rt.device).manual_seed(cfg.seed + 2))
+        saved = {"key": key, "texts": sampled["texts"], "ended": sampled["ended"], "batches": sampled["batches"]}
+        torch.save(saved, path)
+        print(f"best-of-n: sampled {cfg.bon_max} SFT responses for each of {cfg.bon_prompts} held-out prompts "
+              f"in {time.time() - t0:.0f} s", flush=True)
+    saved["gold"] = gold_scores(prompts, saved["texts"], saved["ended"])
+    return saved, sft_ckpt
+
+
+def best_of_n(rm_dir, samples, sft_ckpt):
+    """Best-of-n for n = 1, 2, 4 .. bon_max on the biased RM, ranked by the reward PPO sees (the no-EOS penalty
+    for unended responses); each n from the disjoint blocks of n of every prompt's samples. Per n: the analytic
+    KL, and the mean (± s.e. over prompts) of the picks' proxy reward and gold."""
+    rm, _, rm_ckpt = load_model(rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
+    rewards = normalised_scores(rm.eval(), rm_ckpt["gain"], rm_ckpt["bias"], samples["batches"], rt).numpy()
+    proxy = np.where(samples["ended"], rewards, cfg.no_eos_penalty)  # (P * N,)
+    points = {k: [] for k in ("n", "kl", "sqrt_kl", "proxy", "proxy_se", "gold", "gold_se")}
+    for n in [2 ** k for k in range(int(math.log2(cfg.bon_max)) + 1)]:
+        for key, values in (("proxy", proxy), ("gold", samples["gold"])):
+            m, se = mean_se(best_of_n_blocks(proxy, values, cfg.bon_max, n))  # over prompts
+            points[key].append(m)
+            points[f"{key}_se"].append(se)
+        points["n"].append(n)
+        points["kl"].append(best_of_n_kl(n))
+        points["sqrt_kl"].append(math.sqrt(best_of_n_kl(n)))
+    return points
+
+
+def goodhart_fits(c):
+    """Gao et al. (2022)'s forms fitted to the gain over SFT, gold(d) - gold(0) and the proxy's: SFT's values are
+    best-of-1's (all bon samples) when there are any, else the first PPO iteration's (its rollouts are SFT's)."""
+    bon = c.get("best_of_n")
+    c["baseline"] = ({"from": "best-of-n, n = 1", "proxy": bon["proxy"][0], "gold": bon["gold"][0]} if bon else
+                     {"from": "PPO iteration 1", "proxy": c["proxy_reward"][0], "gold": c["gold"][0]})
+    fits = {}
+    for form, points in (("rl", {"sqrt_kl": c["sqrt_kl"], "proxy": c["proxy_reward"], "gold": c["gold"]}),
+                         ("bon", bon)):
+        for key in ("proxy", "gold") if points else ():
+            gain = np.asarray(points[key]) - c["baseline"][key]
+            fits[f"{form}_{key}"] = fit_goodhart(form, points["sqrt_kl"], gain)
+    return fits
+
+
+def print_curve(bias, c):
+    print(f"bias {bias}: PPO at beta {cfg.kl_coef:g} | iteration | sqrt KL | proxy | gold ± s.e. (of its rollouts)")
+    for it, d, r, g, se in zip(c["iteration"], c["sqrt_kl"], c["proxy_reward"], c["gold"], c["gold_se"]):
+        print(f"  {it} | {d:.2f} | {r:.3f} | {g:.3f} ± {se if se is not None else float('nan'):.3f}")
+    if c.get("best_of_n"):
+        b = c["best_of_n"]
+        print(f"bias {bias}: best-of-n from SFT on {cfg.bon_prompts} held-out prompts | n | sqrt KL | proxy | gold ± s.e.")
+        for n, d, r, g, se in zip(b["n"], b["sqrt_kl"], b["proxy"], b["gold"], b["gold_se"]):
+            print(f"  {n} | {d:.2f} | {r:.3f} | {g:.3f} ± {se:.3f}")
+    for name, f in c["fits"].items():
+        form, key = name.split("_")
+        print(f"  {'RL' if form == 'rl' else 'best-of-n'} {key}: alpha {f['alpha']:.3f} beta {f['beta']:.3f} "
+              f"R² {f['r2']:.3f}")
+    for name in ("peak", "peak_samples"):
+        p = c.get(name)
+        if p:
+            print(f"  PPO gold, means over {p['window']} iterations: peak {p['peak']:.3f} ± {p['peak_se']:.3f} "
+                  f"(iterations {c['iteration'][p['peak_end']] - p['window'] + 1}-{c['iteration'][p['peak_end']]}) "
+                  f"vs final {p['final']:.3f} ± {p['final_se']:.3f}: drop {p['drop']:.3f} = {p['z']:.1f} s.e. "
+                  f"(s.e. from the {'spread of the iterations' if p['se_from'] == 'spread' else 'rollouts'})")
+
+
 def overoptimization():
+    samples, sft_ckpt = bon_samples() if cfg.bon_max else (None, None)
     curves = {}
     for bias in biases:
         rm_dir = reward_model(bias)
         ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{cfg.kl_coef:g}_it{cfg.iterations}"), rm_dir, cfg.kl_coef)
         steps = [r for r in read_metrics(os.path.join(ppo_dir, "metrics.jsonl")) if "gold" in r and "kl" in r]
-        curves[bias] = {"ppo_dir": ppo_dir, "rm_dir": rm_dir, "iteration": [r["step"] for r in steps],
-                        "kl": [r["kl"] for r in steps], "sqrt_kl": [math.sqrt(max(r["kl"], 0.0)) for r in steps],
-                        "proxy_reward": [r["reward"] for r in steps], "gold": [r["gold"] for r in steps],
-                        "final_eval": final_eval(ppo_dir)}
-        c = curves[bias]
-        peak = int(np.argmax(running_mean(c["gold"])))
-        print(f"bias {bias}: proxy reward {c['proxy_reward'][0]:.3f} -> {c['proxy_reward'][-1]:.3f} | gold "
-              f"{c['gold'][0]:.3f} -> {c['gold'][-1]:.3f} (smoothed peak at iteration {c['iteration'][peak]}, "
-              f"sqrt KL {c['sqrt_kl'][peak]:.2f}) | KL {c['kl'][-1]:.2f}")
-    save_json("overoptimization.json", {"kl_coef": cfg.kl_coef, "iterations": cfg.iterations, "curves": curves})
+        curves[bias] = c = {"ppo_dir": ppo_dir, "rm_dir": rm_dir, "iteration": [r["step"] for r in steps],
+                            "kl": [r["kl"] for r in steps], "sqrt_kl": [math.sqrt(max(r["kl"], 0.0)) for r in steps],
+                            "proxy_reward": [r["reward"] for r in steps], "gold": [r["gold"] for r in steps],
+                            "gold_se": [r.get("gold_se") for r in steps], "final_eval": final_eval(ppo_dir)}
+        if samples is not None:
+            c["best_of_n"] = best_of_n(rm_dir, samples, sft_ckpt)
+        c["fits"] = goodhart_fits(c)
+        if len(c["gold"]) >= SMOOTH:  # did gold peak and fall? (the windows' s.e. two ways)
+            c["peak"] = peak_vs_final(c["gold"], SMOOTH)
+            if all(se is not None for se in c["gold_se"]):
+                c["peak_samples"] = peak_vs_final(c["gold"], SMOOTH, se=c["gold_se"])
+        print_curve(bias, c)
+    save_json("overoptimization.json", {"kl_coef": cfg.kl_coef, "iterations": cfg.iterations, "window": SMOOTH,
+                                        "bon_max": cfg.bon_max, "bon_prompts": cfg.bon_prompts, "curves": curves})
+    plot_overoptimization(curves)
+
+
+def plot_overoptimization(curves):
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (bias, c) in zip(axes[0], curves.items()):
         gold_ax = ax.twinx()
-        for axis, key, color, label in ((ax, "proxy_reward", "tab:blue", "reward PPO optimises (RM; -1 unended)"),
-                                        (gold_ax, "gold", "tab:orange", "gold score")):
-            axis.scatter(c["sqrt_kl"], c[key], s=8, alpha=0.3, color=color)
-            axis.plot(running_mean(c["sqrt_kl"]), running_mean(c[key]), color=color)
+        bon = c.get("best_of_n")
+        for axis, key, rl_key, color, label in (
+                (ax, "proxy", "proxy_reward", "tab:blue", "reward PPO optimises (RM; -1 unended)"),
+                (gold_ax, "gold", "gold", "tab:orange", "gold score")):
+            axis.scatter(c["sqrt_kl"], c[rl_key], s=8, alpha=0.3, color=color)
+            if bon:
+                axis.errorbar(bon["sqrt_kl"], bon[key], yerr=bon[f"{key}_se"], fmt="s", ms=4, capsize=2, color=color)
+            for form, xs, style in (("rl", c["sqrt_kl"], "-"), ("bon", bon["sqrt_kl"] if bon else [], "--")):
+                f = c["fits"].get(f"{form}_{key}")
+                if f and math.isfinite(f["alpha"]) and len(xs):
+                    d = np.linspace(0, max(xs), 100)
+                    axis.plot(d, c["baseline"][key] + goodhart_curve(form, d, f["alpha"], f["beta"]), style,
+                              color=color)
             axis.set_ylabel(label, color=color)
         ax.set_xlabel("sqrt(KL to SFT), KL in nats per response")
         ax.set_title(f"raters' bias: {bias}")
-    save_figure(fig, "overoptimization.png", f"PPO samples per iteration, fixed beta {cfg.kl_coef:g} "
-                                             f"(line: running mean of {SMOOTH})")
+    save_figure(fig, "overoptimization.png", f"PPO per iteration (dots, fit -) at fixed beta {cfg.kl_coef:g}; "
+                                             f"best-of-n (squares, fit --)")
 
 
 def beta_sweep():

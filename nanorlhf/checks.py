@@ -13,7 +13,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every",
                  "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "sample_every",
                  "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "rollout_batch",
-                 "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every")
+                 "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every", "bon_prompts")
 # >= 0: none shown, no extra round, the whole corpus, PPO's final evaluation only (of --init_policy)
 COUNTS = ("n_samples", "rounds", "tokenizer_chars", "iterations")
 # Floats that must be > 0 (rates, scales, noise), lie in [0, 1] (discounts), or be >= 0 (0 switches them off).
@@ -45,6 +45,8 @@ def _check_numbers(cfg):
     if cfg.max_prompt_tokens < 1 or cfg.max_new_tokens < 1:
         raise ValueError(f"max_prompt_tokens and max_new_tokens must be >= 1, got {cfg.max_prompt_tokens} and "
                          f"{cfg.max_new_tokens}")
+    if hasattr(cfg, "bon_max") and not (cfg.bon_max >= 0 and cfg.bon_max & (cfg.bon_max - 1) == 0):
+        raise ValueError(f"bon_max must be 0 (no best-of-n) or a power of 2 (1, 2, 4 .. 64), got {cfg.bon_max}")
     if hasattr(cfg, "sft_dropout") and not 0 <= cfg.sft_dropout < 1:
         raise ValueError(f"sft_dropout must be in [0, 1) (a probability; 1 would zero every activation), "
                          f"got {cfg.sft_dropout}")

@@ -26,7 +26,7 @@ PRESETS = {
         "ppo": dict(iterations=2, rollout_batch=8, n_minibatches=2, eval_prompts=8, sample_every=1),
         "dpo": dict(max_iters=4, batch_size=8),
         "eval": dict(n_prompts=8),
-        "study": dict(iterations=3, eval_prompts=8),
+        "study": dict(iterations=3, eval_prompts=8, bon_max=4, bon_prompts=8),
     },
     "cpu": {
         "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
@@ -53,7 +53,7 @@ PRESETS = {
                     value_lr=1e-4, init_kl_coef=0.1, save_every=10),
         "dpo": dict(max_iters=300, batch_size=64, lr=1e-5),
         "eval": dict(n_prompts=512),
-        "study": dict(iterations=100, eval_prompts=512),
+        "study": dict(iterations=100, eval_prompts=512, bon_prompts=256),
         # 2.1M stories (~470M tokens): SFT sees ~80M of them; the BPE learns from the first 20M characters
         "tinystories_full": {
             "all": dict(tokenizer_chars=20_000_000),
@@ -203,14 +203,18 @@ class EvalConfig(CommonConfig):
 @dataclass
 class StudyConfig(CommonConfig):
     sft_dir: str = arg("", "the SFT checkpoint every run starts from; empty = out_dir/sft, trained if missing")
-    rater_bias: str = arg("length,flowery",
+    rater_bias: str = arg("length,flowery,sycophancy",
                           "the raters' hidden taste, one reward model and curve each (none = no bias)")
     rater_bias_weight: float = arg(0.2, "strength of that taste (train_rm.py --rater_bias_weight)")
-    iterations: int = arg(90, "PPO iterations per run; rounds splits them into rounds + 1 segments")
+    iterations: int = arg(60, "PPO iterations per run; rounds splits them into rounds + 1 segments")
     kl_coef: float = arg(0.01, "the weak, fixed KL penalty of overoptimization and rounds")
     betas: str = arg("0.01,0.03,0.1,0.3", "beta_sweep: one PPO run per fixed KL coefficient")
     rounds: int = arg(2, "rounds: extra rounds of fresh preferences on the current policy")
     eval_prompts: int = arg(128, "held-out prompts for every PPO run's final evaluation and each round's measures")
+    bon_max: int = arg(64, "overoptimization: best-of-n for n = 1, 2, 4 .. this (a power of 2; 0 = none), "
+                            "from this many SFT samples per held-out prompt drawn once")
+    bon_prompts: int = arg(64, "overoptimization: held-out prompts best-of-n answers")
+    no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
 
 
 def _str2bool(s):

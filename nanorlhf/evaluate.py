@@ -1,7 +1,8 @@
 """Evaluate a policy on held-out prompts, the same way for every method:
 gold score (mean and standard error), RM reward, KL to the SFT reference, win rate
 against SFT by the gold judge, response length, distinct-2 (diversity) and how well
-the RM still agrees with the gold judge on the policy's own samples. Best-of-n too."""
+the RM still agrees with the gold judge on the policy's own samples. Best-of-n too, and the
+Goodhart curves of over-optimisation: their fits and the test that a curve peaked and fell."""
 import math
 
 import numpy as np
@@ -56,6 +57,75 @@ def best_of_n_pick(rewards, n):
 # exact when the RM never ties, otherwise an upper bound (Beirami et al. 2024); in nats per response
 def best_of_n_kl(n):
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_blocks(rewards, values, n_max, n):
+    """Best-of-n for each n from one draw of n_max samples per prompt (rewards and values (P * n_max,), a
+    prompt's samples side by side): the RM's pick in each of the n_max / n disjoint blocks of n, the picks'
+    values averaged per prompt -> (P,). Unbiased for best-of-n, with less variance than one block."""
+    if n_max % n:
+        raise ValueError(f"best-of-{n} needs n to divide the {n_max} samples per prompt: use powers of 2")
+    picks = best_of_n_pick(rewards, n)  # blocks of n never cross prompts, as n divides n_max
+    return np.asarray(values, dtype=float)[picks].reshape(-1, n_max // n).mean(1)
+
+
+# Goodhart curves (Gao et al. 2022): the gain over the starting policy, gold(d) - gold(0) (or the proxy's), against
+# d = sqrt(KL to it). RL: gain = d (alpha - beta log d); best-of-n: gain = d (alpha - beta d). Both are linear in
+# alpha, beta: a least-squares fit on the features below, without an intercept (the gain at d = 0 is 0).
+def goodhart_features(form, d):
+    d = np.asarray(d, dtype=float)
+    if form == "rl":
+        return np.stack([d, -np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)], 1)  # d log d -> 0 at 0
+    if form == "bon":
+        return np.stack([d, -d * d], 1)
+    raise ValueError(f"unknown Goodhart form {form!r}: rl | bon")
+
+
+def goodhart_curve(form, d, alpha, beta):
+    return goodhart_features(form, d) @ np.array([alpha, beta])
+
+
+def fit_goodhart(form, d, gain):
+    """alpha, beta of the form by least squares, and R^2 = 1 - SS_res / SS_tot (about the mean gain; it can
+    be negative for a bad fit). nan where fewer than 2 points have d > 0 (two unknowns)."""
+    X, y = goodhart_features(form, d), np.asarray(gain, dtype=float)
+    if np.sum(np.asarray(d) > 0) < 2:
+        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan")}
+    (alpha, beta), *_ = np.linalg.lstsq(X, y, rcond=None)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(((y - X @ np.array([alpha, beta])) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    return {"alpha": float(alpha), "beta": float(beta), "r2": r2}
+
+
+def running_mean(x, window):
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    x = np.asarray(x, dtype=float)
+    return np.array([x[max(0, i - window + 1):i + 1].mean() for i in range(len(x))])
+
+
+def peak_vs_final(values, window, se=None):
+    """Did a noisy per-iteration curve peak and fall? The highest mean over `window` consecutive iterations
+    against the mean of the last window. A window mean's standard error: from the spread of its values
+    (std / sqrt(window); the drift within the window counts as noise, so it errs large), or, given each
+    iteration's own se (of its samples), sqrt(sum se^2) / window. z = (peak - final) / sqrt(se_peak^2 + se_final^2).
+    The peak is the maximum of many windows, so it is biased upwards: read a z of 3 as the least evidence."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < window:
+        raise ValueError(f"peak_vs_final needs at least window={window} values, got {len(x)}")
+    means = running_mean(x, window)[window - 1:]  # full windows only: means[i] is x[i:i + window]
+    peak = int(np.argmax(means))
+
+    def window_se(i):
+        if se is None:
+            return float(x[i:i + window].std(ddof=1) / math.sqrt(window)) if window > 1 else float("nan")
+        return float(math.sqrt(np.sum(np.asarray(se[i:i + window], dtype=float) ** 2)) / window)
+
+    last = len(means) - 1
+    drop, drop_se = float(means[peak] - means[last]), math.hypot(window_se(peak), window_se(last))
+    return {"window": window, "se_from": "spread" if se is None else "samples", "peak_end": peak + window - 1,
+            "peak": float(means[peak]), "peak_se": window_se(peak), "final": float(means[last]),
+            "final_se": window_se(last), "drop": drop, "drop_se": drop_se,
+            "z": drop / drop_se if drop_se > 0 else float("nan")}
 
 
 @torch.no_grad()

@@ -154,6 +154,9 @@ def iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, 
     metrics = {
         "reward": float(all_reduce_mean(scores.mean(), rt)),
         "gold": float(all_reduce_mean(torch.tensor(np.mean(gold)), rt)),
+        # its standard error over the whole batch (every rank's samples): sqrt(mean of the ranks' var / n / W)
+        "gold_se": float(all_reduce_mean(torch.tensor(np.var(gold, ddof=1) / len(gold) if len(gold) > 1 else np.nan),
+                                         rt) / rt.world_size) ** 0.5,
         "kl": float(kl), "kl_coef": kl_coef, "entropy": mean_stats["entropy"],
         "clipfrac": mean_stats["clipfrac"], "approx_kl": mean_stats["approx_kl"], "ratio": mean_stats["ratio"],
         "first_ratio": float(first["ratio"]), "first_approx_kl": float(first["approx_kl"]),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanorlhf.evaluate import best_of_n_kl, best_of_n_pick, distinct_n, mean_se, pairwise_agreement, win_rate
+from nanorlhf.judge import gold_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread beats two contended ones
@@ -125,19 +126,37 @@ def test_eval_writes_ranked_table_of_every_method(runs):
 def test_study_overoptimization_curve(runs):
     out = os.path.join(runs["root"], "study")
     args = ("study.py", "overoptimization", *TINY, "--sft_dir", runs["sft"], "--out_dir", out,
-            "--rater_bias", "length", "--iterations", "2")
-    run(*args)
+            "--rater_bias", "length", "--iterations", "5", "--bon_max", "4", "--bon_prompts", "8")
+    first = run(*args).stdout
     assert os.path.getsize(os.path.join(out, "overoptimization.png")) > 0
     with open(os.path.join(out, "overoptimization.json")) as f:
         curve = json.load(f)["curves"]["length"]
-    logged = [r for r in read_jsonl(os.path.join(out, "ppo_length_kl0.01_it2", "metrics.jsonl")) if "gold" in r]
-    assert curve["iteration"] == [1, 2] and curve["gold"] == [r["gold"] for r in logged]
+    logged = [r for r in read_jsonl(os.path.join(out, "ppo_length_kl0.01_it5", "metrics.jsonl")) if "gold" in r]
+    assert curve["iteration"] == [1, 2, 3, 4, 5] and curve["gold"] == [r["gold"] for r in logged]
     assert curve["sqrt_kl"] == pytest.approx([math.sqrt(max(r["kl"], 0.0)) for r in logged])
     assert all(r["kl_coef"] == 0.01 for r in logged)  # the weak, fixed KL penalty
+    assert all(se > 0 for se in curve["gold_se"])  # each iteration's s.e. over its 8 rollouts
     with open(os.path.join(out, "rm_length", "stdout.log")) as f:
         assert "bias length" in f.read()  # the reward model learned from biased raters
-    # a rerun reuses both finished runs; an RM stopped before its normalisation is trained again
-    assert run(*args).stdout.count("reusing") == 2
+    # best-of-n from one draw of 4 SFT samples for each of 8 prompts: n = 1, 2, 4 at the analytic KL
+    bon = curve["best_of_n"]
+    assert bon["n"] == [1, 2, 4] and bon["kl"] == pytest.approx([best_of_n_kl(n) for n in (1, 2, 4)])
+    samples = torch.load(os.path.join(out, "bon_samples.pt"), weights_only=True)
+    assert len(samples["texts"]) == 32
+    gold = gold_scores(samples["key"]["prompts"], samples["texts"], samples["ended"])
+    assert bon["gold"][0] == pytest.approx(gold.mean())  # best-of-1 keeps every sample
+    assert bon["gold_se"][0] == pytest.approx(gold.reshape(8, 4).mean(1).std(ddof=1) / math.sqrt(8))  # over prompts
+    assert bon["proxy"] == sorted(bon["proxy"])  # the RM's favourite of more samples scores higher by the RM
+    assert curve["baseline"] == {"from": "best-of-n, n = 1", "proxy": bon["proxy"][0], "gold": bon["gold"][0]}
+    # the fits: RL and best-of-n, proxy and gold; best-of-n's 2 points beyond d = 0 fix its 2 coefficients
+    assert set(curve["fits"]) == {"rl_gold", "rl_proxy", "bon_gold", "bon_proxy"}
+    assert curve["fits"]["bon_gold"]["r2"] == pytest.approx(1.0) or curve["fits"]["bon_gold"]["r2"] is None
+    assert curve["peak"]["window"] == 5 and curve["peak"]["final"] == pytest.approx(np.mean(curve["gold"]))
+    assert curve["peak_samples"]["se_from"] == "samples"
+    assert "RL gold: alpha" in first and "best-of-n proxy: alpha" in first and "drop" in first
+    # a rerun reuses both finished runs and the samples; an RM stopped before its normalisation is trained again
+    again = run(*args).stdout
+    assert again.count("reusing") == 2 and "best-of-n: the 32 SFT samples" in again
     rm_ckpt = os.path.join(out, "rm_length", "ckpt.pt")
     ckpt = torch.load(rm_ckpt, weights_only=True)
     del ckpt["gain"]
