@@ -3,6 +3,8 @@ The checks read fields by name, so one set serves every stage's config (config.p
 import dataclasses
 import math
 
+import torch
+
 # torch.compile's modes for training. max-autotune-no-cudagraphs benchmarks several kernels for each matrix
 # product and fused op at the first step (minutes on a GPU); its CUDA-graph variant is left out because the
 # training steps here run code outside the graph (the optimizer, the non-finite check) that would break it.
@@ -94,3 +96,76 @@ def check_config(cfg):
                              f"{cfg.rater_noise_high}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
+
+
+# ---------------------------------------------------------------- memory, before the work
+# A run whose batches cannot fit crashes late (the final evaluation samples --eval_prompts responses after the
+# whole training) or is killed without a word. So each stage's largest tensors are counted from the settings
+# before anything starts. Each count below is a LOWER bound on what is alive at once (tensors the code
+# certainly holds together; activations, the allocator's slack and torch itself come on top), so a refusal is
+# never wrong; a setting near the edge can still run out.
+def _memory_phases(cfg, e):
+    """(flag, value, bytes, what) for each phase of this stage; e: bytes per element of the compute dtype."""
+    V, C, L = cfg.vocab_size, cfg.n_embd, cfg.n_layer
+    P, N = cfg.max_prompt_tokens, cfg.max_new_tokens
+    S = P + N
+    B = cfg.sample_batch
+    phases = [
+        # generate: the KV cache for every layer (keys and values) + the prompt's logits
+        ("sample_batch", B, B * (2 * L * S * C * e + P * V * e), "sampling a batch (KV cache, prompt logits)"),
+        # response_logprobs: the full logits, logits / temperature and their log-softmax in fp32
+        ("sample_batch", B, B * (S * V * e + 2 * N * V * 4), "scoring a batch (logits, log-softmax)"),
+    ]
+    held = 8 * S  # every sampled response is kept as int64 prompt + response tokens at least
+    for flag, count, what in (("eval_prompts", 2 * getattr(cfg, "eval_prompts", 0), "the held-out responses "
+                               "(policy's and SFT's)"),
+                              ("n_prompts", getattr(cfg, "n_prompts", 0) * getattr(cfg, "k_responses", 0),
+                               "the RM's sampled responses (n_prompts x k_responses)"),
+                              ("bon_prompts", getattr(cfg, "bon_prompts", 0) * getattr(cfg, "bon_max", 0),
+                               "best-of-n's samples (bon_prompts x bon_max)")):
+        if count:
+            phases.append((flag, getattr(cfg, flag), count * held, what))
+    if hasattr(cfg, "rollout_batch"):  # a PPO minibatch: its response logits and their gradient
+        M = cfg.rollout_batch // max(cfg.n_minibatches, 1)
+        phases.append(("rollout_batch", cfg.rollout_batch, M * 2 * N * V * e, "a PPO minibatch (logits, gradient)"))
+    elif hasattr(cfg, "grad_accum"):  # SFT: a micro-batch of whole blocks, logits and their gradient
+        phases.append(("batch_size", cfg.batch_size, cfg.batch_size * 2 * cfg.block_size * V * e,
+                       "an SFT micro-batch (logits, gradient)"))
+    elif hasattr(cfg, "beta") and hasattr(cfg, "batch_size"):  # DPO: chosen and rejected through the policy
+        phases.append(("batch_size", cfg.batch_size, cfg.batch_size * 2 * 2 * S * V * e,
+                       "a DPO batch (chosen and rejected logits, gradient)"))
+    return phases
+
+
+def available_memory(device):
+    """Bytes this process can still allocate on device: free GPU memory, or on Linux the smaller of
+    MemAvailable and the cgroup's limit minus its use; None where it cannot be read (the check is skipped)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    sizes = []
+    try:
+        with open("/proc/meminfo") as f:
+            sizes += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                sizes.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return min(sizes) if sizes else None
+
+
+def check_memory(cfg, device, dtype, available=None):
+    """Refuse, before the work, a setting whose tensors cannot fit: one line naming the flag, what it costs,
+    and the largest value that would fit."""
+    available = available_memory(device) if available is None else available
+    if available is None or not hasattr(cfg, "sample_batch"):
+        return
+    e = torch.tensor([], dtype=dtype).element_size()
+    phases = _memory_phases(cfg, e)
+    flag, value, need, what = max(phases, key=lambda p: p[2])
+    if need > available:
+        fits = min(int(v * available / n) for f, v, n, _ in phases if f == flag)  # every phase of that flag fits
+        raise ValueError(f"--{flag} {value} is too large for memory: {what} takes at least {need / 2**30:.1f} GiB "
+                         f"and {device.type} has {available / 2**30:.1f} GiB free: use --{flag} {fits} or less"
+                         + (" (or a smaller model / shorter responses)" if fits < 1 else ""))

@@ -3,6 +3,7 @@ device and precision (decided once), seeds and DDP set-up; training the earlier 
 they are missing; resuming; wrapping a model for training (torch.compile, DDP); and the end of every
 training step (skipped steps, log, save, stop), one function for all four trainers."""
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nanorlhf.checks import check_memory
 from nanorlhf.checkpoint import NonFiniteWeightsError, ckpt_path, set_rng_state
 from nanorlhf.config import CommonConfig
 from nanorlhf.distributed import wrap_ddp
@@ -54,13 +56,11 @@ def _plain_warning(message, category, filename, lineno, line=None):
 def setup_runtime(cfg, writes=False):
     """Pick device and precision, seed everything, and join DDP when launched by torchrun.
     writes: a training run, which takes its out_dir for itself first (lock_out_dir)."""
+    die_with_parent()
     warnings.formatwarning = _plain_warning  # the scripts' warnings (a prompt cut to fit) print as one plain line
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
         raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")
-    if writes and rank == 0:
-        lock_out_dir(cfg.out_dir)
-        drop_stale_next(cfg.out_dir)
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -85,6 +85,13 @@ def setup_runtime(cfg, writes=False):
         # and steps with non-finite gradients): refuse rather than train on unscaled fp16 gradients
         raise SystemExit(f"--dtype float16 needs a CUDA GPU (its loss scaling runs there); on {device.type} use "
                          f"--dtype bfloat16 or float32")
+    try:  # before the out_dir is taken: a refused run leaves no folder behind
+        check_memory(cfg, device, dtype)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if writes and rank == 0:
+        lock_out_dir(cfg.out_dir)
+        drop_stale_next(cfg.out_dir)
     if device.type == "cuda":
         set_cuda_kernels()
     seed_everything(cfg.seed + rank)
@@ -125,7 +132,7 @@ def run_child(command, **kwargs):
     after the command that started it has ended. -> the child's exit code."""
     # its own process group: a Ctrl-C at the terminal reaches this process alone, which passes it on once
     # (twice would be the child's "Ctrl-C again stops at once, without saving")
-    child = subprocess.Popen(command, process_group=0, **kwargs)
+    child = subprocess.Popen(command, process_group=0, env={**(kwargs.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}, **kwargs)
     forward = lambda signum, frame: child.send_signal(signum)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -133,6 +140,21 @@ def run_child(command, **kwargs):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+PARENT_ENV = "NANORLHF_PARENT_PID"  # run_child tells the child stage who started it
+
+
+def die_with_parent():
+    """In a stage started by run_child (setup_runtime calls this first): on Linux, ask the kernel to send this
+    process SIGTERM when that parent dies, even by SIGKILL, where no handler of the parent can pass a signal on
+    (prctl PR_SET_PDEATHSIG); if the parent is already gone, stop now. The stage then stops as on any SIGTERM."""
+    parent = os.environ.pop(PARENT_ENV, None)  # popped: this stage's own children get their own
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def set_cuda_kernels():

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -386,6 +387,40 @@ def test_6_sigterm_to_ppo_stops_the_sft_stage_it_trains_as_a_child(root, rm):
         proc.communicate()
 
 
+def test_6_a_child_stage_stops_when_its_parent_is_killed_with_sigkill(tmp_path):
+    """No handler runs on SIGKILL, so the parent cannot pass it on: the kernel sends the child SIGTERM when
+    its parent dies (setup_runtime sets PR_SET_PDEATHSIG in a stage run_child started), and the child stops
+    as on any SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    child_code = ("import signal, sys, time\n"
+                  "def stop(signum, frame):\n    open(sys.argv[1], 'w').write(str(signum))\n    sys.exit(143)\n"
+                  "signal.signal(signal.SIGTERM, stop)\nfrom nanorlhf.runtime import die_with_parent\n"
+                  "die_with_parent()\nprint('child ready', flush=True)\ntime.sleep(60)\n")
+    parent_code = ("import sys\nfrom nanorlhf.runtime import run_child\n"
+                   "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent_code, child_code, str(tmp_path / "flag")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    children = []
+    try:
+        assert proc.stdout.readline().strip() == "child ready"
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        assert children
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while any(alive(pid) for pid in children) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in children), "the child outlived its SIGKILLed parent"
+        assert (tmp_path / "flag").read_text() == str(int(signal.SIGTERM))  # stopped by SIGTERM, its handler ran
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def test_6_run_child_passes_signals_on_and_waits(tmp_path):
     """runtime.run_child (train_ppo.py's missing stages, study.py's stages): SIGTERM to the parent reaches
     the child, which here takes 0.5 s to finish after it; the parent ends only after the child."""
@@ -467,6 +502,68 @@ def test_8_every_trainer_checks_its_out_dir_first(root, sft, rm, script):
     code, output = run(script, *TINY, *inputs, "--out_dir", blocker / script, log=root / "unwritable.log")
     assert code == 1 and "Traceback" not in output, output[-3000:]
     assert output.splitlines()[-1].startswith(f"cannot write to --out_dir {blocker / script}"), output[-2000:]
+
+
+@pytest.mark.parametrize("script,flag,value", [("train_ppo.py", "--eval_prompts", 10**9),
+                                                ("train_ppo.py", "--sample_batch", 10**7),
+                                                ("train_sft.py", "--sample_batch", 10**7),
+                                                ("train_rm.py", "--n_prompts", 10**9),
+                                                ("train_dpo.py", "--batch_size", 10**7)])
+def test_8_batches_too_large_for_memory_are_refused_before_any_work(tmp_path, script, flag, value):
+    """Today: found only when it happens (the final evaluation samples --eval_prompts after the training).
+    Refused before the out_dir is made or an earlier stage is trained, naming the flag and a value that fits."""
+    out = tmp_path / "out"
+    code, output = run(script, *TINY, flag, value, "--out_dir", out / "run", log=tmp_path / "log")
+    assert code == 1 and "Traceback" not in output, output[-2000:]
+    line = output.strip().splitlines()[-1]
+    assert line.startswith(f"{flag} {value} is too large for memory") and f"use {flag} " in line, line
+    assert not out.exists()  # nothing made, nothing trained
+    fits = int(line.split(f"use {flag} ")[1].split()[0])
+    assert 0 < fits < value
+
+
+def test_8_the_memory_estimate_is_a_lower_bound_so_a_refusal_is_never_wrong(tmp_path):
+    """Peak resident memory of sampling and then scoring a batch (in a fresh process, Linux's peak counter
+    reset first) is at least what check_memory counts for those phases: it refuses only what cannot fit."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's resettable peak-memory counter")
+    script = tmp_path / "peak.py"
+    script.write_text(f"""
+import sys, types
+import torch
+sys.path.insert(0, {str(REPO)!r})
+from nanorlhf.checks import _memory_phases
+from nanorlhf.model import GPT, GPTConfig, response_logprobs
+from nanorlhf.sampler import generate
+torch.manual_seed(0)
+cfg = types.SimpleNamespace(vocab_size=8192, n_embd=64, n_layer=2, n_head=2, block_size=64, sample_batch=192,
+                            max_prompt_tokens=16, max_new_tokens=16)
+model = GPT(GPTConfig(vocab_size=8192, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+need = {{what.split(" (")[0]: n for _, _, n, what in _memory_phases(cfg, 4)}}
+def status(key):  # VmRSS: resident now, VmHWM: its peak since the last reset
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+def peak():
+    return status("VmHWM")
+def run(B):
+    prompt = torch.randint(0, 8000, (B, 16))
+    mask = torch.ones(B, 16, dtype=torch.long)
+    out = generate(model, prompt, mask, 16, eos_id=8191)
+    p0 = peak()
+    with torch.inference_mode():
+        response_logprobs(model, prompt, mask, out["tokens"], out["mask"])
+    return out, p0
+run(2)  # warm up: code, kernels, the allocator
+open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from what is resident now
+base = status("VmRSS")
+_, after_sampling = run(cfg.sample_batch)
+after_scoring = peak()
+print(after_sampling - base, need["sampling a batch"], after_scoring - base, need["scoring a batch"])
+assert after_sampling - base >= need["sampling a batch"], (after_sampling - base, need)
+assert after_scoring - base >= need["scoring a batch"], (after_scoring - base, need)
+""")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- 9. tracebacks where a message is promised
