@@ -32,34 +32,28 @@ reused, so a study can be rerun or extended; delete the folder to start over. Wr
 """
 import dataclasses
 import functools
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 
-import matplotlib
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model
+from nanorlhf import studies
+from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model
 from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.evaluate import (best_of_n_blocks, best_of_n_kl, evaluate_policy, fit_goodhart, goodhart_curve, mean_se,
-                               peak_vs_final)
+from nanorlhf.evaluate import best_of_n_blocks, best_of_n_kl, evaluate_policy, fit_goodhart, mean_se, peak_vs_final
 from nanorlhf.judge import gold_scores
 from nanorlhf.metrics import read_metrics, spearman
 from nanorlhf.reward import normalised_scores
-from nanorlhf.runtime import run_child, setup_runtime
+from nanorlhf.runtime import setup_runtime
 from nanorlhf.sampler import sample_responses
-
-matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from nanorlhf.studies import final_eval, plot_beta_sweep, plot_overoptimization, plot_rounds, save_json
 
 STUDIES = ("overoptimization", "beta_sweep", "rounds")
 BIASES = ("none", "length", "flowery", "sycophancy")
-ROOT = os.path.dirname(os.path.abspath(__file__))
 SMOOTH = 5  # iterations per window of the peak-and-fall test on the noisy per-iteration gold
 
 study = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
@@ -78,61 +72,16 @@ os.makedirs(cfg.out_dir, exist_ok=True)
 
 
 # ---------------------------------------------------------------- running the stages
-def final_eval(ppo_dir):
-    """The held-out evaluation train_ppo.py logs after its last iteration (None if it never got there)."""
-    path = os.path.join(ppo_dir, "metrics.jsonl")
-    records = read_metrics(path) if os.path.exists(path) else []
-    return next((r for r in reversed(records) if "eval_gold_ppo" in r), None)
-
-
-def finished(out_dir, flags):
-    """out_dir holds a run made with these flags that got to its end (a checkpoint stores its config),
-    after the runs it was made from: an upstream run retrained since makes it stale."""
-    if not os.path.exists(ckpt_path(out_dir)):
-        return False
-    ckpt = load_checkpoint(out_dir)
-    if ckpt["stage"] == "ppo" and final_eval(out_dir) is None:
-        return False  # stopped before its final evaluation
-    if ckpt["stage"] == "rm" and "gain" not in ckpt:
-        return False  # stopped before its normalisation
-    made = os.path.getmtime(ckpt_path(out_dir))
-    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
-    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
-    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
-        return False
-    return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
-
-
-def run_stage(script, out_dir, **flags):
-    """python script --out_dir out_dir with the study's common settings and flags, unless already done."""
-    flags = {**common, **flags}
-    if finished(out_dir, flags):
-        print(f"reusing {out_dir} (finished with the same flags)")
-        return out_dir
-    # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
-    command = [sys.executable, os.path.join(ROOT, script), "--out_dir", out_dir,
-               *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "stdout.log")
-    print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        code = run_child(command, stdout=log, stderr=subprocess.STDOUT)  # signals reach it; it is waited for
-    if code != 0:
-        with open(log_path) as log:
-            tail = log.read()[-3000:]
-        raise SystemExit(f"{script} failed (exit {code}); the end of {log_path}:\n{tail}\n"
-                         f"the command: {' '.join(command)}")
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
-    return out_dir
-
-
 @functools.cache
 def sft():
     """The study's own SFT run (made again if its settings changed); a given --sft_dir is used as it is."""
     if not cfg.sft_dir:
         run_stage("train_sft.py", sft_dir)
     return sft_dir
+
+
+def run_stage(script, out_dir, **flags):
+    return studies.run_stage(script, out_dir, {**common, **flags})
 
 
 def reward_model(bias, out_dir=None, **flags):
@@ -145,26 +94,6 @@ def ppo(out_dir, rm_dir, kl_coef, iterations=None, init_policy=""):
     """PPO with a fixed KL coefficient (no adaptive controller)."""
     return run_stage("train_ppo.py", out_dir, sft_dir=sft(), rm_dir=rm_dir, init_kl_coef=kl_coef, adaptive_kl=False,
                      iterations=iterations or cfg.iterations, eval_prompts=cfg.eval_prompts, init_policy=init_policy)
-
-
-def save_json(name, obj):
-    """obj as strict JSON: nan (a fit with too few points) is written as null."""
-    def strict(x):
-        if isinstance(x, dict):
-            return {k: strict(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [strict(v) for v in x]
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-    with open(os.path.join(cfg.out_dir, name), "w") as f:
-        json.dump(strict(obj), f, indent=1, allow_nan=False)
-
-
-def save_figure(fig, name, title):
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, name), dpi=110)
-    plt.close(fig)
-    print(f"saved {cfg.out_dir}/{name}")
 
 
 # ---------------------------------------------------------------- the studies
@@ -272,33 +201,9 @@ def overoptimization():
             if all(se is not None for se in c["gold_se"]):
                 c["peak_samples"] = peak_vs_final(c["gold"], SMOOTH, se=c["gold_se"])
         print_curve(bias, c)
-    save_json("overoptimization.json", {"kl_coef": cfg.kl_coef, "iterations": cfg.iterations, "window": SMOOTH,
+    save_json(os.path.join(cfg.out_dir, "overoptimization.json"), {"kl_coef": cfg.kl_coef, "iterations": cfg.iterations, "window": SMOOTH,
                                         "bon_max": cfg.bon_max, "bon_prompts": cfg.bon_prompts, "curves": curves})
-    plot_overoptimization(curves)
-
-
-def plot_overoptimization(curves):
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
-    for ax, (bias, c) in zip(axes[0], curves.items()):
-        gold_ax = ax.twinx()
-        bon = c.get("best_of_n")
-        for axis, key, rl_key, color, label in (
-                (ax, "proxy", "proxy_reward", "tab:blue", "reward PPO optimises (RM; -1 unended)"),
-                (gold_ax, "gold", "gold", "tab:orange", "gold score")):
-            axis.scatter(c["sqrt_kl"], c[rl_key], s=8, alpha=0.3, color=color)
-            if bon:
-                axis.errorbar(bon["sqrt_kl"], bon[key], yerr=bon[f"{key}_se"], fmt="s", ms=4, capsize=2, color=color)
-            for form, xs, style in (("rl", c["sqrt_kl"], "-"), ("bon", bon["sqrt_kl"] if bon else [], "--")):
-                f = c["fits"].get(f"{form}_{key}")
-                if f and math.isfinite(f["alpha"]) and len(xs):
-                    d = np.linspace(0, max(xs), 100)
-                    axis.plot(d, c["baseline"][key] + goodhart_curve(form, d, f["alpha"], f["beta"]), style,
-                              color=color)
-            axis.set_ylabel(label, color=color)
-        ax.set_xlabel("sqrt(KL to SFT), KL in nats per response")
-        ax.set_title(f"raters' bias: {bias}")
-    save_figure(fig, "overoptimization.png", f"PPO per iteration (dots, fit -) at fixed beta {cfg.kl_coef:g}; "
-                                             f"best-of-n (squares, fit --)")
+    plot_overoptimization(curves, cfg.kl_coef, os.path.join(cfg.out_dir, "overoptimization.png"))
 
 
 def beta_sweep():
@@ -316,24 +221,8 @@ def beta_sweep():
                   f"± {e['eval_gold_ppo_se']:.3f} "
                   f"(SFT {e['eval_gold_sft']:.3f}) | KL {e['eval_kl']:.2f} | reward {e['eval_reward_ppo']:.3f} | "
                   f"win rate {e['eval_win_rate']:.3f}")
-    save_json("beta_sweep.json", {"iterations": cfg.iterations, "points": points})
-    fig, (ax_gold, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
-    for bias in biases:
-        pts = [p for p in points if p["bias"] == bias]
-        kl = [p["kl"] for p in pts]
-        ax_gold.errorbar(kl, [p["gold"] for p in pts], yerr=[p["gold_se"] for p in pts], marker="o", capsize=3,
-                         label=f"bias {bias}")
-        ax_reward.plot(kl, [p["reward"] for p in pts], marker="o", label=f"bias {bias}")
-        for p in pts:
-            ax_gold.annotate(f"β={p['beta']:g}", (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
-                             fontsize=8)
-    ax_gold.axhline(points[0]["sft_gold"], color="gray", linestyle="--", label="SFT")
-    for ax, ylabel in ((ax_gold, "held-out gold score"), (ax_reward, "held-out proxy RM reward")):
-        ax.set_xlabel("KL to SFT (nats per response)")
-        ax.set_ylabel(ylabel)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    save_figure(fig, "beta_sweep.png", f"PPO at fixed KL coefficients, {cfg.iterations} iterations each")
+    save_json(os.path.join(cfg.out_dir, "beta_sweep.json"), {"iterations": cfg.iterations, "points": points})
+    plot_beta_sweep(points, biases, cfg.iterations, os.path.join(cfg.out_dir, "beta_sweep.png"))
 
 
 def rounds():
@@ -386,28 +275,8 @@ def rounds():
         for r, (a, b) in enumerate(zip(report[bias]["without_new_prefs"], report[bias]["with_new_prefs"])):
             print(f"  {r - 1 if r else 'SFT'} | {segment * r} | {a['gold'][0]:.3f} / {b['gold'][0]:.3f} | "
                   f"{a['rm_gold_acc']:.3f} / {b['rm_gold_acc']:.3f}")
-    save_json("rounds.json", {"rounds": cfg.rounds, "kl_coef": cfg.kl_coef, "report": report})
-    plot_rounds(report, segment)
-
-
-def plot_rounds(report, segment):
-    fig, axes = plt.subplots(len(report), 2, figsize=(11, 4 * len(report)), squeeze=False)
-    for (ax_gold, ax_acc), bias in zip(axes, report):
-        x = report[bias]["ppo_iterations"]
-        for name in ("without_new_prefs", "with_new_prefs"):
-            points = report[bias][name]
-            label = name.replace("_", " ")
-            ax_gold.errorbar(x, [p["gold"][0] for p in points], yerr=[p["gold"][1] for p in points], marker="o",
-                             capsize=3, label=label)
-            ax_acc.plot(x, [p["rm_gold_acc"] for p in points], marker="o", label=label)
-        for ax, ylabel in ((ax_gold, "held-out gold score"), (ax_acc, "RM-gold pairwise agreement\non own samples")):
-            ax.set_xlabel(f"PPO iterations (a new round every {segment})")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"raters' bias: {bias}")
-            ax.legend()
-            ax.grid(alpha=0.3)
-    save_figure(fig, "rounds.png", f"iterated RLHF: {cfg.rounds} extra rounds of preferences, "
-                                   f"fixed beta {cfg.kl_coef:g}")
+    save_json(os.path.join(cfg.out_dir, "rounds.json"), {"rounds": cfg.rounds, "kl_coef": cfg.kl_coef, "report": report})
+    plot_rounds(report, segment, cfg.rounds, cfg.kl_coef, os.path.join(cfg.out_dir, "rounds.png"))
 
 
 {"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds}[study]()

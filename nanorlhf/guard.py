@@ -1,9 +1,12 @@
 """Two ways a run stops early, each with a message that says how to go on: NonFiniteGuard (steps that
-keep producing NaN or inf) and StopOnSignal (Ctrl-C or SIGTERM: finish the step, save, exit)."""
+keep producing NaN or inf) and StopOnSignal (Ctrl-C or SIGTERM: finish the step, save, exit). And a stage
+run as a child process (run_child) gets those signals passed on, and stops if its parent dies."""
+import ctypes
 import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 
 import torch
@@ -153,3 +156,34 @@ class StopOnSignal:
                       f"{resume_command()}", flush=True)
         finish_ddp()
         sys.exit(128 + self.signum)
+
+
+def run_child(command, **kwargs):
+    """subprocess.run for a stage trained as a child process: SIGINT, SIGTERM and SIGHUP sent to this
+    process are passed on to the child, and this process waits for it, so that no stage goes on writing
+    after the command that started it has ended. -> the child's exit code."""
+    # its own process group: a Ctrl-C at the terminal reaches this process alone, which passes it on once
+    # (twice would be the child's "Ctrl-C again stops at once, without saving")
+    child = subprocess.Popen(command, process_group=0, env={**(kwargs.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}, **kwargs)
+    forward = lambda signum, frame: child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return child.wait()  # a signal runs `forward`, then the wait goes on
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+PARENT_ENV = "NANORLHF_PARENT_PID"  # run_child tells the child stage who started it
+
+
+def die_with_parent():
+    """In a stage started by run_child (setup_runtime calls this first): on Linux, ask the kernel to send this
+    process SIGTERM when that parent dies, even by SIGKILL, where no handler of the parent can pass a signal on
+    (prctl PR_SET_PDEATHSIG); if the parent is already gone, stop now. The stage then stops as on any SIGTERM."""
+    parent = os.environ.pop(PARENT_ENV, None)  # popped: this stage's own children get their own
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)

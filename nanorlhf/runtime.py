@@ -3,14 +3,12 @@ device and precision (decided once), seeds and DDP set-up; training the earlier 
 they are missing; resuming; wrapping a model for training (torch.compile, DDP); and the end of every
 training step (skipped steps, log, save, stop), one function for all four trainers."""
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import os
 import random
 import shlex
 import signal
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from nanorlhf.checks import check_memory
 from nanorlhf.checkpoint import NonFiniteWeightsError, ckpt_path, set_rng_state
 from nanorlhf.config import CommonConfig
 from nanorlhf.distributed import wrap_ddp
-from nanorlhf.guard import NonFiniteGuard, StopOnSignal
+from nanorlhf.guard import NonFiniteGuard, StopOnSignal, die_with_parent, run_child
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.sampler import NonFiniteLogitsError
 
@@ -124,37 +122,6 @@ def lock_out_dir(out_dir):
             from None
     f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
     _LOCK = f
-
-
-def run_child(command, **kwargs):
-    """subprocess.run for a stage trained as a child process: SIGINT, SIGTERM and SIGHUP sent to this
-    process are passed on to the child, and this process waits for it, so that no stage goes on writing
-    after the command that started it has ended. -> the child's exit code."""
-    # its own process group: a Ctrl-C at the terminal reaches this process alone, which passes it on once
-    # (twice would be the child's "Ctrl-C again stops at once, without saving")
-    child = subprocess.Popen(command, process_group=0, env={**(kwargs.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}, **kwargs)
-    forward = lambda signum, frame: child.send_signal(signum)
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return child.wait()  # a signal runs `forward`, then the wait goes on
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-PARENT_ENV = "NANORLHF_PARENT_PID"  # run_child tells the child stage who started it
-
-
-def die_with_parent():
-    """In a stage started by run_child (setup_runtime calls this first): on Linux, ask the kernel to send this
-    process SIGTERM when that parent dies, even by SIGKILL, where no handler of the parent can pass a signal on
-    (prctl PR_SET_PDEATHSIG); if the parent is already gone, stop now. The stage then stops as on any SIGTERM."""
-    parent = os.environ.pop(PARENT_ENV, None)  # popped: this stage's own children get their own
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def set_cuda_kernels():

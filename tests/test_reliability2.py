@@ -395,9 +395,9 @@ def test_6_a_child_stage_stops_when_its_parent_is_killed_with_sigkill(tmp_path):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     child_code = ("import signal, sys, time\n"
                   "def stop(signum, frame):\n    open(sys.argv[1], 'w').write(str(signum))\n    sys.exit(143)\n"
-                  "signal.signal(signal.SIGTERM, stop)\nfrom nanorlhf.runtime import die_with_parent\n"
+                  "signal.signal(signal.SIGTERM, stop)\nfrom nanorlhf.guard import die_with_parent\n"
                   "die_with_parent()\nprint('child ready', flush=True)\ntime.sleep(60)\n")
-    parent_code = ("import sys\nfrom nanorlhf.runtime import run_child\n"
+    parent_code = ("import sys\nfrom nanorlhf.guard import run_child\n"
                    "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]]))\n")
     proc = subprocess.Popen([sys.executable, "-c", parent_code, child_code, str(tmp_path / "flag")], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
@@ -428,7 +428,7 @@ def test_6_run_child_passes_signals_on_and_waits(tmp_path):
                   "def stop(signum, frame):\n    time.sleep(0.5)\n    open(sys.argv[1], 'w').write('stopped')\n"
                   "    sys.exit(143)\n"
                   "signal.signal(signal.SIGTERM, stop)\nprint('child ready', flush=True)\ntime.sleep(60)\n")
-    parent_code = ("import sys\nfrom nanorlhf.runtime import run_child\n"
+    parent_code = ("import sys\nfrom nanorlhf.guard import run_child\n"
                    "sys.exit(run_child([sys.executable, '-c', sys.argv[1], sys.argv[2]]))\n")
     proc = subprocess.Popen([sys.executable, "-c", parent_code, child_code, str(tmp_path / "flag")], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)

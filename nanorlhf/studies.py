@@ -1,0 +1,155 @@
+"""The machinery behind study.py: running a training script as a child stage (reused when a finished run
+with the same flags is already there), writing JSON and figures, and the studies' plots."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import matplotlib
+import numpy as np
+
+from nanorlhf.checkpoint import ckpt_path, load_checkpoint
+from nanorlhf.evaluate import goodhart_curve
+from nanorlhf.metrics import read_metrics
+from nanorlhf.guard import run_child
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where study.py and the scripts are
+
+
+def final_eval(ppo_dir):
+    """The held-out evaluation train_ppo.py logs after its last iteration (None if it never got there)."""
+    path = os.path.join(ppo_dir, "metrics.jsonl")
+    records = read_metrics(path) if os.path.exists(path) else []
+    return next((r for r in reversed(records) if "eval_gold_ppo" in r), None)
+
+
+def finished(out_dir, flags):
+    """out_dir holds a run made with these flags that got to its end (a checkpoint stores its config),
+    after the runs it was made from: an upstream run retrained since makes it stale."""
+    if not os.path.exists(ckpt_path(out_dir)):
+        return False
+    ckpt = load_checkpoint(out_dir)
+    if ckpt["stage"] == "ppo" and final_eval(out_dir) is None:
+        return False  # stopped before its final evaluation
+    if ckpt["stage"] == "rm" and "gain" not in ckpt:
+        return False  # stopped before its normalisation
+    made = os.path.getmtime(ckpt_path(out_dir))
+    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
+    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
+    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
+        return False
+    return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
+
+
+def run_stage(script, out_dir, flags):
+    """python script --out_dir out_dir --flag value .. (the script found next to study.py) in a child process,
+    unless out_dir already holds a finished run with these flags. -> out_dir"""
+    if finished(out_dir, flags):
+        print(f"reusing {out_dir} (finished with the same flags)")
+        return out_dir
+    # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
+    command = [sys.executable, os.path.join(ROOT, script), "--out_dir", out_dir,
+               *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "stdout.log")
+    print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        code = run_child(command, stdout=log, stderr=subprocess.STDOUT)  # signals reach it; it is waited for
+    if code != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"{script} failed (exit {code}); the end of {log_path}:\n{tail}\n"
+                         f"the command: {' '.join(command)}")
+    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    return out_dir
+
+
+def save_json(path, obj):
+    """obj as strict JSON: nan (a fit with too few points) is written as null."""
+    def strict(x):
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    with open(path, "w") as f:
+        json.dump(strict(obj), f, indent=1, allow_nan=False)
+
+
+def save_figure(fig, path, title):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"saved {path}")
+
+
+def plot_overoptimization(curves, kl_coef, path):
+    """One panel per bias: proxy and gold against sqrt(KL), PPO's iterations and best-of-n, with their fits."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (bias, c) in zip(axes[0], curves.items()):
+        gold_ax = ax.twinx()
+        bon = c.get("best_of_n")
+        for axis, key, rl_key, color, label in (
+                (ax, "proxy", "proxy_reward", "tab:blue", "reward PPO optimises (RM; -1 unended)"),
+                (gold_ax, "gold", "gold", "tab:orange", "gold score")):
+            axis.scatter(c["sqrt_kl"], c[rl_key], s=8, alpha=0.3, color=color)
+            if bon:
+                axis.errorbar(bon["sqrt_kl"], bon[key], yerr=bon[f"{key}_se"], fmt="s", ms=4, capsize=2, color=color)
+            for form, xs, style in (("rl", c["sqrt_kl"], "-"), ("bon", bon["sqrt_kl"] if bon else [], "--")):
+                f = c["fits"].get(f"{form}_{key}")
+                if f and math.isfinite(f["alpha"]) and len(xs):
+                    d = np.linspace(0, max(xs), 100)
+                    axis.plot(d, c["baseline"][key] + goodhart_curve(form, d, f["alpha"], f["beta"]), style,
+                              color=color)
+            axis.set_ylabel(label, color=color)
+        ax.set_xlabel("sqrt(KL to SFT), KL in nats per response")
+        ax.set_title(f"raters' bias: {bias}")
+    save_figure(fig, path, f"PPO per iteration (dots, fit -) at fixed beta {kl_coef:g}; "
+                                             f"best-of-n (squares, fit --)")
+
+
+def plot_beta_sweep(points, biases, iterations, path):
+    """Held-out gold (with s.e.) and proxy reward against KL, one line per bias, each point a beta."""
+    fig, (ax_gold, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
+    for bias in biases:
+        pts = [p for p in points if p["bias"] == bias]
+        kl = [p["kl"] for p in pts]
+        ax_gold.errorbar(kl, [p["gold"] for p in pts], yerr=[p["gold_se"] for p in pts], marker="o", capsize=3,
+                         label=f"bias {bias}")
+        ax_reward.plot(kl, [p["reward"] for p in pts], marker="o", label=f"bias {bias}")
+        for p in pts:
+            ax_gold.annotate(f"β={p['beta']:g}", (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
+                             fontsize=8)
+    ax_gold.axhline(points[0]["sft_gold"], color="gray", linestyle="--", label="SFT")
+    for ax, ylabel in ((ax_gold, "held-out gold score"), (ax_reward, "held-out proxy RM reward")):
+        ax.set_xlabel("KL to SFT (nats per response)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save_figure(fig, path, f"PPO at fixed KL coefficients, {iterations} iterations each")
+
+
+def plot_rounds(report, segment, rounds, kl_coef, path):
+    fig, axes = plt.subplots(len(report), 2, figsize=(11, 4 * len(report)), squeeze=False)
+    for (ax_gold, ax_acc), bias in zip(axes, report):
+        x = report[bias]["ppo_iterations"]
+        for name in ("without_new_prefs", "with_new_prefs"):
+            points = report[bias][name]
+            label = name.replace("_", " ")
+            ax_gold.errorbar(x, [p["gold"][0] for p in points], yerr=[p["gold"][1] for p in points], marker="o",
+                             capsize=3, label=label)
+            ax_acc.plot(x, [p["rm_gold_acc"] for p in points], marker="o", label=label)
+        for ax, ylabel in ((ax_gold, "held-out gold score"), (ax_acc, "RM-gold pairwise agreement\non own samples")):
+            ax.set_xlabel(f"PPO iterations (a new round every {segment})")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"raters' bias: {bias}")
+            ax.legend()
+            ax.grid(alpha=0.3)
+    save_figure(fig, path, f"iterated RLHF: {rounds} extra rounds of preferences, fixed beta {kl_coef:g}")
