@@ -88,8 +88,8 @@ def test_value_loss_takes_the_larger_squared_error():
 
 
 def test_value_loss_is_half_the_squared_error():
-    loss, _ = value_loss(torch.tensor([[0.1]]), torch.tensor([[0.0]]), torch.tensor([[1.1]]), torch.ones(1, 1), 0.2)
-    close(loss, 0.5, "value loss of V=0.1, R=1.1 inside the clip range: 0.5 * (V - R)^2 (the 0.5, a square)")
+    loss, _ = value_loss(torch.tensor([[0.1]]), torch.tensor([[0.0]]), torch.tensor([[2.1]]), torch.ones(1, 1), 0.2)
+    close(loss, 2.0, "value loss of V=0.1, R=2.1 inside the clip range: 0.5 * (V - R)^2 (the 0.5, a square)")
 
 
 def test_value_loss_is_a_mean_over_real_tokens():
