@@ -1,14 +1,11 @@
 """The instructor's mutation check: plausible wrong answers to each assignment, each of which a named test
 must catch (`python -m nanorlhf.assignments mutants [NAME...]`). Never copied into a student copy.
 
-A mutant is a text edit of the reference solution inside its `# BEGIN ASSIGNMENT` region. The edited
-module is executed afresh and the function's code object is swapped into the real function for the run
-of its assignment's tests (in this process, with pytest.main), then swapped back, so the tests see the
-wrong answer under the same name. ACCEPTED lists right answers written differently: they must pass.
-
-To add an assignment: its (module, function) in TARGETS, and its mutants below, each
-    mutant(name, "test_that_must_catch_it", "what the student did", (old, new), ...)
-where old occurs exactly once in the solution region.
+A mutant is a text edit of the reference solution inside its region; the edited module is executed
+afresh and its function's code swapped into the real function while the assignment's tests run (one
+pytest session, tests collected once). ACCEPTED lists right answers written differently: they must pass.
+To add an assignment: its (module, function) in TARGETS, and one line per mutant below,
+mutant(name, "test_that_must_catch_it", "the mistake in words", (old, new), ...), old once in the region.
 """
 import contextlib
 import importlib
@@ -17,6 +14,7 @@ import io
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 from nanorlhf.assignments import HINTS, REPO, find_regions
@@ -38,11 +36,11 @@ TARGETS = {
 
 
 @dataclass
-class Mutant:
-    name: str       # the assignment
-    test: str       # the test function that must fail
-    what: str       # the mistake, in words (docs/assignments.md lists these)
-    edits: tuple    # (old, new) pairs applied to the solution region
+class Mutant:  # name: the assignment; test: the test that must fail; what: the mistake in words (listed
+    name: str    # in docs/assignments.md); edits: (old, new) pairs applied to the solution region
+    test: str
+    what: str
+    edits: tuple
 
 
 def mutant(name, test, what, *edits):
@@ -143,8 +141,7 @@ MUTANTS = [
            ("* torch.rsqrt(var + 1e-8)", "/ (torch.sqrt(var) + 1e-8)")),
     mutant("masked_whiten", "test_masked_whiten_epsilon_inside_the_square_root", "epsilon 1e-5",
            ("var + 1e-8", "var + 1e-5")),
-    mutant("masked_whiten", "test_masked_whiten_constant_input_stays_finite", "no epsilon",
-           ("var + 1e-8", "var")),
+    mutant("masked_whiten", "test_masked_whiten_constant_input_stays_finite", "no epsilon", ("var + 1e-8", "var")),
     mutant("masked_whiten", "test_masked_whiten_zero_on_padding", "the padding of the result not zeroed",
            ("return torch.where(mask > 0, whitened, torch.zeros_like(whitened))", "return whitened")),
     mutant("masked_whiten", "test_masked_whiten_never_reads_the_padding", "a masked mean written (x*mask).sum()/n",
@@ -188,13 +185,11 @@ MUTANTS = [
            ("old_values + torch.clamp(values - old_values, -clip, clip)", "torch.clamp(values, -clip, clip)")),
     mutant("value_loss", "test_value_loss_takes_the_larger_squared_error", "min instead of max",
            ("torch.maximum(unclipped, clipped)", "torch.minimum(unclipped, clipped)")),
-    mutant("value_loss", "test_value_loss_is_half_the_squared_error", "the 0.5 left out",
-           ("0.5 * masked_mean", "masked_mean")),
+    mutant("value_loss", "test_value_loss_is_half_the_squared_error", "the 0.5 left out", ("0.5 *", "")),
     mutant("value_loss", "test_value_loss_is_half_the_squared_error", "absolute instead of squared error",
            ("unclipped = (values - returns) ** 2", "unclipped = (values - returns).abs()"),
            ("clipped = (values_clipped - returns) ** 2", "clipped = (values_clipped - returns).abs()")),
-    mutant("value_loss", "test_value_loss_uses_the_clip_it_is_given", "the clip range hard-coded to 0.2",
-           ("-clip, clip", "-0.2, 0.2")),
+    mutant("value_loss", "test_value_loss_uses_the_clip_it_is_given", "clip set to 0.2", ("-clip, clip", "-0.2, 0.2")),
     mutant("value_loss", "test_value_loss_is_a_mean_over_real_tokens", "a mean over the padding too",
            ("masked_mean(torch.maximum(unclipped, clipped), mask)", "torch.maximum(unclipped, clipped).mean()")),
     mutant("value_loss", "test_value_loss_never_reads_the_padding", "a masked mean written (x*mask).sum()/n",
@@ -263,24 +258,18 @@ def mutated_code(m):
     module = importlib.import_module(module_name)
     with open(module.__file__) as f:
         source = f.read()
-    region = find_regions(source)[m.name]
-    wrong = region
+    wrong = region = find_regions(source)[m.name]
     for old, new in m.edits:
         if wrong.count(old) != 1:
             raise ValueError(f"mutant {m.name}/{m.what!r}: {old!r} occurs {wrong.count(old)} times in the solution")
         wrong = wrong.replace(old, new)
-    namespace = {"__name__": module_name, "__file__": module.__file__}
-    exec(compile(source.replace(region, wrong), module.__file__, "exec"), namespace)
-    code = resolve(_Namespace(namespace), qualname).__code__
+    namespace = types.SimpleNamespace(__name__=module_name, __file__=module.__file__)
+    exec(compile(source.replace(region, wrong), module.__file__, "exec"), namespace.__dict__)
+    code = resolve(namespace, qualname).__code__
     original = resolve(module, qualname)
     if code.co_freevars != original.__code__.co_freevars:
         raise ValueError(f"mutant {m.name}/{m.what!r} changes the function's closure: keep the edit inside the body")
     return original, code
-
-
-class _Namespace:
-    def __init__(self, d):
-        self.__dict__.update(d)
 
 
 class _Loop:
@@ -317,7 +306,7 @@ def run_plan(plan):
     import pytest
     files = [os.path.join(REPO, "tests", "assignments", f"test_{n}.py") for n in dict.fromkeys(n for n, _ in plan)]
     loop = _Loop(plan)
-    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
         code = pytest.main([*files, "-q", "-p", "no:cacheprovider", "-W", "ignore", f"--rootdir={REPO}"],
                            plugins=[loop])
     if len(loop.results) != len(plan):

@@ -63,7 +63,8 @@ def test_kl_penalty_uses_the_kl_coef_it_is_given():
 
 def test_kl_penalty_score_at_the_last_real_token_not_the_last_column():
     # row of 2 real tokens in 3 columns, equal logprobs: the score 3 goes at column 1
-    r = kl_penalty_rewards(torch.tensor([3.0]), torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    r = kl_penalty_rewards(torch.tensor([3.0]), torch.zeros(1, 3), torch.zeros(1, 3), mask, 0.1)
     close(r, torch.tensor([[0.0, 3.0, 0.0]]), "rewards of a 2-token response, score 3: the score at the last REAL "
                                               "token, nowhere else")
 

@@ -175,5 +175,6 @@ def test_policy_loss_float32_stats_of_float64_inputs_pass():
 def test_policy_loss_float32_inputs():
     logprobs, old, advantages, mask = inputs(19, torch.float32)
     loss, stats = policy_loss(logprobs, old, advantages, mask, clip=0.2)
-    assert loss.dtype == torch.float32, f"loss of float32 inputs came back as {loss.dtype}: compute in the inputs' dtype"
+    assert loss.dtype == torch.float32, \
+        f"loss of float32 inputs came back as {loss.dtype}: compute in the inputs' dtype"
     close(loss, loop_loss(logprobs.double(), old.double(), advantages.double(), 0.2)[0], "loss of float32 inputs")

@@ -75,4 +75,5 @@ def test_reward_readout_empty_response_is_read_at_the_last_prompt_column():
 
 def test_reward_readout_is_a_long_tensor_of_shape_b():
     out = last_real_index(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))
-    assert out.shape == (3,) and out.dtype == torch.long, f"expected a (B,) long tensor, got {out.dtype} {tuple(out.shape)}"
+    assert out.shape == (3,) and out.dtype == torch.long, \
+        f"expected a (B,) long tensor, got {out.dtype} {tuple(out.shape)}"
