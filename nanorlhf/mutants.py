@@ -48,7 +48,7 @@ def mutant(name, test, what, *edits):
 
 
 POLICY_STATS = '"ratio": masked_mean(ratio, mask),'
-MUTANTS = [
+MUTANTS = [  # each caught by its named test
     # ---- attention_kv_cache
     mutant("attention_kv_cache", "test_attention_matches_a_per_head_loop", "no 1/sqrt(head size) scale",
            ("is_causal=attn_bias is None,", "is_causal=attn_bias is None, scale=1.0,")),
@@ -273,8 +273,7 @@ def mutated_code(m):
 
 
 class _Loop:
-    """pytest plugin that takes over the run loop: the tests are collected once, then each mutant is planted
-    and its assignment's tests run (runtestprotocol, no report printed) -> self.results[i] = failed names."""
+    """pytest plugin that runs the loop: tests collected once, then per plan entry its tests (mutant planted)."""
 
     def __init__(self, plan):
         self.plan, self.results = plan, []  # plan: [(assignment, Mutant or None)]
@@ -315,15 +314,13 @@ def run_plan(plan):
 
 
 def main(names=None):
-    """Plant every mutant (of names, default all); print which test caught it; True when each was caught by
-    its named test, every accepted variant passed and the solution itself passes."""
+    """Plant each mutant of names (default all): True when its named test catches each, and the solution
+    and every accepted variant pass."""
     names = list(names or HINTS)
     unknown = [n for n in names if n not in TARGETS]
-    if unknown:
+    if unknown:  # a new assignment: its TARGETS entry and mutants go here
         raise SystemExit(f"no mutants for {unknown}: add them to TARGETS in nanorlhf/mutants.py")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     start, ok = time.time(), True
     chosen = [m for m in MUTANTS if m.name in names]
     accepted = [m for m in ACCEPTED if m.name in names]
@@ -337,7 +334,6 @@ def main(names=None):
     for m, (failed, _) in zip(chosen, results):
         hit = m.test in failed
         caught += hit
-        ok &= hit
         also = sorted(failed - {m.test})
         print(f"{'caught  ' if hit else 'SURVIVED'} {m.name:<20} {m.what:<58} by {m.test}"
               + (f" (+{len(also)} more)" if also and hit else f"; failed instead: {also}" if not hit else ""))
@@ -347,4 +343,8 @@ def main(names=None):
               + (f" failed: {sorted(failed)}" if failed else ""))
     print(f"{caught}/{len(chosen)} mutants caught by their named test, {len(accepted)} right variants checked, "
           f"over {len(names)} assignments, in {time.time() - start:.0f} s")
-    return ok
+    return ok and caught == len(chosen)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(sys.argv[1:] or None) else 1)
