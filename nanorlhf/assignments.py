@@ -7,9 +7,15 @@ Each piece sits in the source between two comment lines,
 and has its own tests in tests/assignments/test_<name>.py. docs/assignments.md says,
 for each one, what to read first, the equation and the bugs its tests catch.
 
-python -m nanorlhf.assignments make OUTDIR [NAME...]   # a student copy of the repository: each
-                                                       # region (all, or the NAMEs) becomes a raise
-python -m nanorlhf.assignments check [NAME...]         # run the assignments' tests, print a score table
+python -m nanorlhf.assignments make OUTDIR [NAME...]      # a student copy: each region (all, or the NAMEs)
+python -m nanorlhf.assignments make OUTDIR --track ppo    # ... or one stage's pieces (model, rm, ppo, dpo)
+python -m nanorlhf.assignments check [NAME...]            # run the assignments' tests, print the points
+python -m nanorlhf.assignments check --hint NAME          # one more hint tier each call (--tier K: up to K)
+python -m nanorlhf.assignments mutants [NAME...]          # instructor: every known wrong answer is caught
+
+Tolerances (the dtype rule): a piece computes in the dtype of its inputs; the tests compare a result
+at the tolerance of the coarser of its dtype and the expected one (float64 1e-10, float32 1e-5,
+bfloat16/float16 1e-2, absolute and relative), so a float32 statistic of float64 inputs is right.
 """
 import argparse
 import json
@@ -22,34 +28,23 @@ import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from nanorlhf.hints import HINTS  # name -> its hint tiers, in the order to do them
 
-# name -> the one-line hint a student copy raises. Listed in the order to do them.
-HINTS = {
-    "attention_kv_cache": "with a kv_cache, write k, v into it (kv_cache.update(layer, k, v, columns)) and attend "
-                          "over every cached key; y = softmax(q k^T / sqrt(hd) + attn_bias) v, dropout only in "
-                          "training",
-    "generate": "each step: draw (token, logprob) with sample_token, force finished rows to eos_id, append "
-                "token/logprob/finished-before-this-token, update finished, stop after the last step (or when "
-                "every row ended), mark the new cache column real, feed the token at the next position",
-    "bradley_terry_loss": "losses = -logsigmoid(r_chosen - r_rejected); return their mean, or "
-                          "sum(losses * weights) / sum(weights)",
-    "reward_readout": "the column of the last real token of [prompt | response]: "
-                      "P + last_token_index(response_mask), or P - 1 when the response is empty",
-    "kl_penalty_rewards": "rewards = -kl_coef * (logprobs - ref_logprobs) on real tokens, 0 on padding, "
-                          "plus scores[b] at row b's last real token (none for an empty row)",
-    "compute_gae": "backwards over t: delta = r_t + gamma * V_{t+1} - V_t (V after the last real token is 0), "
-                   "A_t = delta + gamma * lam * A_{t+1}; returns = A + V; both 0 on padding",
-    "masked_whiten": "(x - masked_mean) / sqrt(biased masked_var + 1e-8) over real tokens; add the mean back "
-                     "when not shift_mean; 0 on padding",
-    "policy_loss": "ratio = exp(logprobs - old_logprobs); loss = masked mean of max(-A*ratio, -A*clip(ratio, "
-                   "1-clip, 1+clip)); stats clipfrac, approx_kl, ratio as in the comment above",
-    "value_loss": "V_clip = old_values + clamp(values - old_values, -clip, clip); loss = 0.5 * masked mean of "
-                  "max((V - R)^2, (V_clip - R)^2); stats value_clipfrac",
-    "adaptive_kl": "error = clip(current_kl / target - 1, -0.2, 0.2); self.value *= 1 + error * n_steps / horizon",
-    "dpo_loss": "losses = -logsigmoid(beta * ((pc - rc) - (pr - rr))); chosen/rejected rewards = "
-                "beta * (policy - ref) logps, detached",
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HINT_STATE = ".hints.json"      # in a copy: how many hint tiers each assignment has shown
+COPY_INFO = ".assignments.json"  # in a student copy: the assignments make blanked there, in order
+
+# Tracks: the pieces a script needs, so a student can run one stage on their own code at once.
+TRACKS = {
+    "model": ["attention_kv_cache", "generate"],
+    "rm": ["bradley_terry_loss", "reward_readout"],
+    "ppo": ["kl_penalty_rewards", "compute_gae", "masked_whiten", "policy_loss", "value_loss", "adaptive_kl"],
+    "dpo": ["dpo_loss"],
 }
+# the pieces each script runs (by its config class), checked before it writes anything (runtime.setup_runtime)
+NEEDS = {"SFTConfig": TRACKS["model"], "RMConfig": TRACKS["model"] + TRACKS["rm"],
+         "PPOConfig": TRACKS["model"] + TRACKS["rm"] + TRACKS["ppo"], "DPOConfig": TRACKS["model"] + TRACKS["dpo"],
+         "EvalConfig": TRACKS["model"] + TRACKS["rm"], "StudyConfig": list(HINTS)}
 
 # A region: its marker lines and everything between them. The raise that replaces it keeps the
 # BEGIN line's indentation, so it is the whole body of the block the region sits in.
@@ -57,12 +52,20 @@ REGION = re.compile(r"^( *)# BEGIN ASSIGNMENT (\w+)\n.*?^ *# END ASSIGNMENT\n", 
 
 # Never copied into a student copy: run outputs, caches, and this tool's own test (paths from the
 # repository root), and folders of these names anywhere.
-EXCLUDE_PATHS = {"out", "data/cache", ".whl", "tests/test_assignments.py"}
+# The instructor's files (the mutants, the reference answers) never reach a student copy either.
+EXCLUDE_PATHS = {"out", "data/cache", ".whl", "tests/test_assignments.py", "nanorlhf/mutants.py",
+                 "docs/instructor.md", HINT_STATE, COPY_INFO}
 EXCLUDE_NAMES = {".git", "__pycache__", ".pytest_cache"}
 
 
+def section(name):
+    """Its section of docs/assignments.md: '## <k>. <name> — ...'."""
+    return f"docs/assignments.md, section {list(HINTS).index(name) + 1} ({name})"
+
+
 def hint_line(name):
-    return f"{name}: {HINTS[name]}; see docs/assignments.md"
+    """The whole text of the raise in a student copy: the assignment and where to read, no code."""
+    return f"{name}: not written yet; read {section(name)}; hints: python -m nanorlhf.assignments check --hint {name}"
 
 
 def raise_line(name, indent=""):
@@ -126,8 +129,13 @@ def marked_files(repo, paths):
     return marked
 
 
-def make(out_dir, names=None, repo=REPO):
-    """Write a student copy of repo to out_dir with the regions of names (default all) blanked."""
+def make(out_dir, names=None, repo=REPO, track=None):
+    """Write a student copy of repo to out_dir with the regions of names (default all, or those of track)
+    blanked."""
+    if track is not None:
+        if track not in TRACKS:
+            raise SystemExit(f"unknown track {track!r}: known are {list(TRACKS)}")
+        names = sorted(set(names or ()) | set(TRACKS[track]), key=list(HINTS).index)
     out_dir = os.path.abspath(out_dir)
     if out_dir == repo or out_dir.startswith(repo + os.sep):
         raise SystemExit(f"{out_dir} is inside the repository: choose a directory outside {repo}")
@@ -157,9 +165,42 @@ def make(out_dir, names=None, repo=REPO):
             f.write(source)
         shutil.copymode(os.path.join(repo, path), dest)
     blanked = [n for n in HINTS if names is None or n in names]
+    with open(os.path.join(out_dir, COPY_INFO), "w") as f:
+        json.dump({"assignments": blanked}, f)
     print(f"student copy in {out_dir}: {len(paths)} files, {len(blanked)} assignments blanked "
           f"({', '.join(blanked)})")
     print(f"next: cd {out_dir} && python -m nanorlhf.assignments check")
+
+
+def copy_assignments(repo=REPO):
+    """The assignments of this copy, in order: those make blanked here, or all of them in the repository."""
+    try:
+        with open(os.path.join(repo, COPY_INFO)) as f:
+            return [n for n in json.load(f)["assignments"] if n in HINTS]
+    except (OSError, ValueError, KeyError):
+        return list(HINTS)
+
+
+def not_written(names, repo=REPO):
+    """The names whose raise still stands in the source of this copy (cheap: reads nanorlhf/*.py)."""
+    folder = os.path.join(repo, "nanorlhf")
+    source = ""
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".py") and f not in ("assignments.py", "mutants.py"):
+            with open(os.path.join(folder, f)) as fh:
+                source += fh.read()
+    return [n for n in names if f"raise NotImplementedError({json.dumps(hint_line(n))})" in source]
+
+
+def require(cfg, script=None):
+    """Stop a script before it writes anything when a piece it runs is still blanked: one line that names
+    the assignment and its docs section (called by runtime.setup_runtime)."""
+    missing = not_written(NEEDS.get(type(cfg).__name__, ()))
+    if missing:
+        script = script or os.path.basename(sys.argv[0]) or "this script"
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise SystemExit(f"{script} needs assignment {missing[0]}{more}, not written yet: read "
+                         f"{section(missing[0])}, then python -m nanorlhf.assignments check {missing[0]}")
 
 
 def run_tests(names, repo=REPO, timeout=900):
@@ -208,15 +249,16 @@ def status(name, result):
 
 
 def check(names=None, repo=REPO):
-    """Print a score table and the first failure of each failing assignment; True when all are done."""
-    names = list(names or HINTS)
+    """Print a table of points (one per test passed), what each failing test says, and the next
+    assignment to do; True when all are done."""
+    names = list(names or copy_assignments(repo))
     unknown = [n for n in names if n not in HINTS]
     if unknown:
         raise SystemExit(f"unknown assignment(s) {unknown}: known are {list(HINTS)}")
     results = run_tests(names, repo)
     statuses = {n: status(n, results[n]) for n in names}
     width = max(len(n) for n in names) + 2
-    print(f"{'assignment':<{width}} {'passed':>8}  status")
+    print(f"{'assignment':<{width}} {'points':>8}  status")
     for n in names:
         print(f"{n:<{width}} {results[n]['passed']:>4}/{results[n]['total']:<3}  {statuses[n]}")
     passed, total = sum(r["passed"] for r in results.values()), sum(r["total"] for r in results.values())
@@ -225,12 +267,44 @@ def check(names=None, repo=REPO):
     shown = set()
     for n in names:
         if statuses[n] in ("failing", "did not load"):
-            test, message = results[n]["failures"][0] if results[n]["failures"] else ("(import)", results[n]["error"])
-            print(f"\n{n}: {test}\n  " + ("the same error as above" if message in shown else
-                                            message[:500].replace("\n", "\n  ")))
+            failures = results[n]["failures"] or [("(import)", results[n]["error"])]
+            print(f"\n{n}: {len(failures)} test(s) failing, one point each")
+            for test, message in failures:
+                message = message or ""
+                print(f"  {test}: " + ("the same error as above" if message in shown else
+                                        message[:300].replace("\n", "\n    ")))
+                shown.add(message)
             print(f"  details: python -m pytest -q tests/assignments/test_{n}.py")
-            shown.add(message)
+    todo = [n for n in names if statuses[n] != "done"]
+    if todo:
+        print(f"\nnext: {todo[0]} ({statuses[todo[0]]}): read {section(todo[0])}; "
+              f"hints: python -m nanorlhf.assignments check --hint {todo[0]}")
     return done == len(names)
+
+
+def hint(name, tier=None, repo=REPO):
+    """Print the hints of name up to tier (default: one more than last time, remembered in HINT_STATE)."""
+    if name not in HINTS:
+        raise SystemExit(f"unknown assignment {name!r}: known are {list(HINTS)}")
+    tiers = HINTS[name]
+    path = os.path.join(repo, HINT_STATE)
+    try:
+        with open(path) as f:
+            seen = json.load(f)
+    except (OSError, ValueError):
+        seen = {}
+    if tier is None:
+        tier = min(seen.get(name, 0) + 1, len(tiers))
+    if not 1 <= tier <= len(tiers):
+        raise SystemExit(f"{name} has hint tiers 1 to {len(tiers)}, not {tier}")
+    for k in range(1, tier + 1):
+        print(f"{name} hint {k}/{len(tiers)}: {tiers[k - 1]}")
+    seen[name] = max(seen.get(name, 0), tier)
+    if seen[name] < len(tiers):
+        print(f"(the next call shows hint {seen[name] + 1}; the equation and its paper are in {section(name)})")
+    with open(path, "w") as f:
+        json.dump(seen, f)
+    return tier
 
 
 def main():
@@ -239,11 +313,24 @@ def main():
     make_parser = commands.add_parser("make", help="write a student copy with the assignments blanked")
     make_parser.add_argument("out_dir")
     make_parser.add_argument("names", nargs="*", help=f"assignments to blank (default all): {' '.join(HINTS)}")
-    check_parser = commands.add_parser("check", help="run the assignments' tests and print a score table")
-    check_parser.add_argument("names", nargs="*", help="assignments to check (default all)")
+    make_parser.add_argument("--track", choices=list(TRACKS), help="blank only the pieces of one stage: "
+                             + "; ".join(f"{t}: {' '.join(ns)}" for t, ns in TRACKS.items()))
+    check_parser = commands.add_parser("check", help="run the assignments' tests and print the points")
+    check_parser.add_argument("names", nargs="*", help="assignments to check (default those of this copy)")
+    check_parser.add_argument("--hint", metavar="NAME", help="show the next hint tier of NAME instead")
+    check_parser.add_argument("--tier", type=int, help="with --hint: show the hints up to this tier")
+    mutants_parser = commands.add_parser("mutants", help="instructor: plant each known wrong answer, check "
+                                                         "that its named test catches it")
+    mutants_parser.add_argument("names", nargs="*", help="assignments (default all)")
     args = parser.parse_args()
     if args.command == "make":
-        make(args.out_dir, args.names or None)
+        make(args.out_dir, args.names or None, track=args.track)
+    elif args.command == "mutants":  # its own process: the instructor's module, which imports this one
+        if not os.path.exists(os.path.join(REPO, "nanorlhf", "mutants.py")):
+            raise SystemExit("the mutants are the instructor's (nanorlhf/mutants.py): a student copy has none")
+        sys.exit(subprocess.run([sys.executable, "-m", "nanorlhf.mutants", *args.names], cwd=REPO).returncode)
+    elif args.hint:
+        hint(args.hint, args.tier)
     else:
         sys.exit(0 if check(args.names) else 1)
 

@@ -85,6 +85,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hd)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # with a cache: K, V = the cached columns and the new ones (kv_cache.update); otherwise K, V = k, v
+        # y = softmax(q K^T / sqrt(hd) + attn_bias) V          (Vaswani et al. 2017, Eq. 1), (B, nh, T, hd)
         # BEGIN ASSIGNMENT attention_kv_cache
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v, columns)  # (B, nh, key_width, hd): the cached columns to attend over

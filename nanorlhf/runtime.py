@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nanorlhf.assignments import require as require_assignments
 from nanorlhf.checks import check_memory
 from nanorlhf.checkpoint import NonFiniteWeightsError, ckpt_path, set_rng_state
 from nanorlhf.config import CommonConfig
@@ -56,6 +57,7 @@ def setup_runtime(cfg, writes=False):
     writes: a training run, which takes its out_dir for itself first (lock_out_dir)."""
     die_with_parent()
     warnings.formatwarning = _plain_warning  # the scripts' warnings (a prompt cut to fit) print as one plain line
+    require_assignments(cfg)  # in a student copy: a piece still blanked stops here, before out_dir exists
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if getattr(cfg, "batch_size", world_size) < world_size:  # each process takes rows rank::world_size of a batch
         raise SystemExit(f"batch_size {cfg.batch_size} is smaller than the {world_size} processes: raise it")

@@ -127,6 +127,8 @@ def _decode_loop(model, prompt_tokens, prompt_mask, max_new_tokens, temperature,
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, finished_before = [], [], []
     for t in range(max_new_tokens):
+        # one step of autoregressive sampling with a KV cache: draw y_t ~ pi(. | x, y_<t) (sample_token),
+        # rows that ended keep emitting EOS, record it, then feed y_t back at the next position
         # BEGIN ASSIGNMENT generate
         token, logprob = sample_token(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, eos_id)

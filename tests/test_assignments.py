@@ -34,9 +34,14 @@ def check(cwd, *names):
     return result.returncode, table, result.stdout + result.stderr
 
 
-def put_back(copy_dir, name, mistake=("", "")):
-    """Copy the reference solution of one assignment from the repository into the student copy
+def put_back(copy_dir, *names, mistake=("", "")):
+    """Copy the reference solution of the assignments from the repository into the student copy
     (with mistake = (old, new) replaced in it: a student's wrong answer)."""
+    for name in names:
+        put_back_one(copy_dir, name, mistake)
+
+
+def put_back_one(copy_dir, name, mistake):
     path = WHERE[name]
     with open(os.path.join(REPO, path)) as f:
         solution = find_regions(f.read())[name]
@@ -97,7 +102,7 @@ def test_blank_keeps_indentation_and_the_rest_of_the_source():
     assert blanked.count("NotImplementedError") == 2 and "y * t" not in blanked and "-x" not in blanked
     namespace = {}
     exec(compile(blanked, "blanked", "exec"), namespace)
-    with pytest.raises(NotImplementedError, match="^generate: each step"):
+    with pytest.raises(NotImplementedError, match="^generate: not written yet"):
         namespace["f"](1)
     with pytest.raises(NotImplementedError, match=re.escape(hint_line("dpo_loss"))):
         namespace["g"](1)
@@ -147,21 +152,21 @@ def test_student_copy_imports(student):
     assert result.returncode == 0, result.stderr
 
 
-def test_script_in_student_copy_stops_inside_the_first_blanked_piece(student, tmp_path):
-    result = run(["train_sft.py", "--preset", "tiny", "--out_dir", str(tmp_path / "sft")], student)
+def test_script_in_student_copy_stops_with_one_line_naming_the_first_missing_piece(student, tmp_path):
+    out = tmp_path / "sft"
+    result = run(["train_sft.py", "--preset", "tiny", "--out_dir", str(out)], student)
     assert result.returncode != 0
-    assert f"NotImplementedError: {hint_line('attention_kv_cache')}" in result.stderr, result.stderr[-3000:]
-    # the innermost frame of the traceback is the raise that replaced the region, in model.py
-    frames = re.findall(r'File "([^"]+)", line (\d+)', result.stderr)
-    path, line = frames[-1]
-    assert path == os.path.join(student, "nanorlhf", "model.py")
-    with open(path) as f:
-        assert "raise NotImplementedError" in f.read().splitlines()[int(line) - 1]
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"train_sft.py needs assignment attention_kv_cache (and 1 more: generate), not written yet: read "
+                     f"{assignments.section('attention_kv_cache')}, then python -m nanorlhf.assignments check "
+                     f"attention_kv_cache"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not out.exists()  # no traceback, no empty output folder
 
 
 def test_student_copy_fails_every_assignment_with_its_own_hint(student, full_marks):
     code, table, output = check(student)
     assert code == 1
+    assert f"next: attention_kv_cache (not implemented): read {assignments.section('attention_kv_cache')}" in output
     # "not implemented": every test failed, each with NotImplementedError("<its own name>: ...");
     # a test of one assignment that ran into another's raise would show up as "failing"
     assert table == {name: (0, total, "not implemented") for name, (_, total, _) in full_marks.items()}, output
@@ -182,7 +187,10 @@ def test_putting_solutions_back_passes_exactly_their_tests(full_marks, tmp_path)
     assert table["policy_loss"] == (full_marks["policy_loss"][1], full_marks["policy_loss"][1], "done")
     passed, total, status = table["value_loss"]
     assert passed < total and status == "failing", output  # failing, and not for a NotImplementedError
-    assert "value_loss: test_" in output and "details: python -m pytest -q tests/assignments/test_value_loss.py" in output
+    assert re.search(r"^value_loss: \d+ test\(s\) failing", output, re.M), output
+    assert re.search(r"^  test_value_loss_\w+: ", output, re.M), output  # each failing test, with what it says
+    assert "details: python -m pytest -q tests/assignments/test_value_loss.py" in output
+    assert f"next: value_loss (failing): read {assignments.section('value_loss')}" in output
     assert table["dpo_loss"] == (0, full_marks["dpo_loss"][1], "not implemented")
 
 
@@ -190,3 +198,98 @@ def test_repository_scores_full_marks(full_marks):
     assert list(full_marks) == list(HINTS)
     for name, (passed, total, status) in full_marks.items():
         assert total >= 2 and passed == total and status == "done", name
+
+
+# ---------------------------------------------------------------- hints, tracks, the mutation check
+
+def code_tokens(source):
+    """The python tokens of source without comments and layout."""
+    import io
+    import tokenize
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in skip]
+
+
+def test_no_raise_text_contains_code_from_the_solution():
+    marked = assignments.marked_files(REPO, assignments.repo_files(REPO))
+    for path, regions in marked.items():
+        for name, region in regions.items():
+            text = hint_line(name)
+            assert text.startswith(f"{name}: not written yet; read {assignments.section(name)}"), name
+            assert not re.search(r"[=\[\]*+]|\w\(", text.split("; hints:")[0]), (name, text)  # no expression, no call
+            tokens = code_tokens(region)
+            said = code_tokens(text.replace("'", " "))
+            grams = {tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)}
+            leaked = [g for g in (tuple(said[i:i + 3]) for i in range(len(said) - 2)) if g in grams]
+            assert not leaked, (name, leaked)
+
+
+def test_hints_come_one_tier_per_call(tmp_path, capsys):
+    for name, tiers in HINTS.items():
+        assert len(tiers) >= 3 and all(t.strip() for t in tiers), name
+    name = "policy_loss"
+    assert assignments.hint(name, repo=str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert HINTS[name][0] in out and HINTS[name][1] not in out and "the next call shows hint 2" in out
+    assert assignments.hint(name, repo=str(tmp_path)) == 2
+    assert HINTS[name][1] in capsys.readouterr().out
+    assert assignments.hint(name, tier=1, repo=str(tmp_path)) == 1  # --tier K: up to K, the count is kept
+    out = capsys.readouterr().out
+    assert HINTS[name][1] not in out and "the next call shows hint 3" in out
+    assert assignments.hint(name, repo=str(tmp_path)) == 3 and HINTS[name][2] in capsys.readouterr().out
+    assert assignments.hint(name, repo=str(tmp_path)) == 3  # stays at the last tier
+    assert assignments.hint("dpo_loss", repo=str(tmp_path)) == 1  # each assignment has its own count
+    with pytest.raises(SystemExit, match="tiers 1 to 3"):
+        assignments.hint(name, tier=4, repo=str(tmp_path))
+
+
+def test_check_hint_on_the_command_line(student):
+    result = run(["-m", "nanorlhf.assignments", "check", "--hint", "compute_gae", "--tier", "2"], student)
+    assert result.returncode == 0, result.stderr
+    assert HINTS["compute_gae"][0] in result.stdout and HINTS["compute_gae"][1] in result.stdout
+    assert HINTS["compute_gae"][2] not in result.stdout
+
+
+def test_tracks_cover_every_assignment_once_in_order():
+    assert [n for names in assignments.TRACKS.values() for n in names] == list(HINTS)
+
+
+def test_ppo_track_runs_train_ppo_once_its_pieces_are_written(tmp_path):
+    copy_dir = str(tmp_path / "ppo-student")
+    assignments.make(copy_dir, track="ppo")
+    for path, name in ((p, n) for n, p in WHERE.items()):
+        with open(os.path.join(copy_dir, path)) as f:
+            blanked = raise_line(name).strip() in f.read()
+        assert blanked == (name in assignments.TRACKS["ppo"]), name
+    out = tmp_path / "run"
+    flags = ["--preset", "tiny", "--sft_dir", str(out / "sft"), "--rm_dir", str(out / "rm"), "--iterations", "2",
+             "--eval_prompts", "8"]
+    put_back(copy_dir, *assignments.TRACKS["ppo"][:-1])  # adaptive_kl still missing: one line, no folder
+    result = run(["train_ppo.py", *flags, "--out_dir", str(out / "ppo")], copy_dir, timeout=300)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"train_ppo.py needs assignment adaptive_kl, not written yet: read {assignments.section('adaptive_kl')}, "
+        "then python -m nanorlhf.assignments check adaptive_kl"], result.stderr[-3000:]
+    assert not out.exists()
+    put_back(copy_dir, "adaptive_kl")
+    result = run(["train_ppo.py", *flags, "--out_dir", str(out / "ppo")], copy_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(out / "ppo" / "ckpt.pt") and os.path.isfile(out / "ppo" / "metrics.jsonl")
+
+
+def test_mutation_check_every_wrong_answer_is_caught_by_its_named_test():
+    from nanorlhf import mutants
+    assert len(mutants.MUTANTS) >= 40 and set(mutants.TARGETS) == set(HINTS)
+    with open(os.path.join(REPO, "docs", "assignments.md")) as f:
+        docs = f.read()
+    for m in mutants.MUTANTS:
+        assert m.test in docs and m.what in docs, m.what  # the docs list each mutant and the test that catches it
+    result = run(["-m", "nanorlhf.assignments", "mutants"], REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(mutants.MUTANTS)}/{len(mutants.MUTANTS)} mutants caught" in result.stdout
+
+
+def test_instructor_files_stay_out_of_the_student_copy(student):
+    for path in ("nanorlhf/mutants.py", "docs/instructor.md"):
+        assert os.path.isfile(os.path.join(REPO, path)) and not os.path.exists(os.path.join(student, path)), path
+    result = run(["-m", "nanorlhf.assignments", "mutants"], student)
+    assert result.returncode != 0 and "instructor" in result.stderr

@@ -53,3 +53,37 @@ def test_dpo_loss_gradient_signs_and_detached_rewards():
     # d loss / d pc = -beta * sigmoid(-beta * m)
     m = (pc - rc) - (pr - rr)
     torch.testing.assert_close(pc.grad, -0.1 * torch.sigmoid(-0.1 * m.detach()))
+
+
+# ---------------------------------------------------------------- one test per common bug
+
+def test_dpo_loss_beta_multiplies_both_sides():
+    # chosen log-ratio 0, rejected log-ratio -4, beta 0.5: loss = -log sigmoid(0.5 * 4) = log(1 + e^-2)
+    losses, _, _ = dpo_loss(torch.tensor([-3.0]), torch.tensor([-9.0]), torch.tensor([-3.0]), torch.tensor([-5.0]), 0.5)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6), \
+        "DPO loss with a rejected log-ratio of -4, beta 0.5: beta multiplies the whole margin"
+
+
+def test_dpo_loss_uses_the_beta_it_is_given():
+    losses, chosen, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+                                 0.3)
+    assert chosen.item() == pytest.approx(0.3, abs=1e-6), "chosen reward with beta 0.3: beta * (policy - ref)"
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.3)), abs=1e-6), "DPO loss with beta 0.3"
+
+
+def test_dpo_loss_prefers_the_chosen_response():
+    losses, _, _ = dpo_loss(torch.tensor([0.0]), torch.tensor([-10.0]), torch.tensor([-5.0]), torch.tensor([-5.0]), 1.0)
+    assert losses.item() < 1e-3, "a policy that already prefers the chosen response must have a small loss: " \
+                                 "chosen minus rejected, not the reverse"
+
+
+def test_dpo_loss_rewards_are_detached():
+    pc = torch.tensor([-5.0], requires_grad=True)
+    _, chosen, rejected = dpo_loss(pc, pc * 2, torch.tensor([-4.0]), torch.tensor([-9.0]), 0.1)
+    assert not chosen.requires_grad and not rejected.requires_grad, \
+        "the returned rewards must not carry a gradient (they are for logging): .detach() them"
+
+
+def test_dpo_loss_large_margins_stay_finite():
+    losses, _, _ = dpo_loss(torch.tensor([-500.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0)
+    assert math.isfinite(losses.item()), "a margin of -500 overflowed: use F.logsigmoid, not log(sigmoid(x))"

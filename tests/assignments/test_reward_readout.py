@@ -48,3 +48,32 @@ def test_score_reads_the_last_real_token_like_each_row_alone():
     idx = torch.cat([prompt, response], 1)
     pos = (torch.cat([prompt_mask, response_mask], 1).cumsum(1) - 1).clamp(min=0)
     assert not torch.equal(model(idx, pos)[:, -1], scores)
+
+
+# ---------------------------------------------------------------- one test per common bug
+
+def test_reward_readout_short_response_is_read_at_its_last_real_token():
+    prompt_mask = torch.tensor([[1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0]])
+    assert last_real_index(prompt_mask, response_mask).tolist() == [3], \
+        "a 2-token response after a 2-column prompt ends at column 3, not at the last (padding) column"
+
+
+def test_reward_readout_counts_the_left_padding_of_the_prompt():
+    prompt_mask = torch.tensor([[0, 0, 1]])   # one real prompt token after two pads
+    response_mask = torch.tensor([[1, 0]])
+    assert last_real_index(prompt_mask, response_mask).tolist() == [3], \
+        "the response starts at column P = the prompt's padded width (3 here), however many prompt tokens are real"
+
+
+def test_reward_readout_empty_response_is_read_at_the_last_prompt_column():
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response_mask = torch.tensor([[0, 0], [1, 0]])
+    assert last_real_index(prompt_mask, response_mask).tolist() == [2, 3], \
+        "an empty response is read at the last prompt column, P - 1"
+
+
+def test_reward_readout_is_a_long_tensor_of_shape_b():
+    out = last_real_index(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))
+    assert out.shape == (3,) and out.dtype == torch.long, \
+        f"expected a (B,) long tensor, got {out.dtype} {tuple(out.shape)}"
