@@ -259,6 +259,7 @@ class FrontierConfig(CommonConfig):
     bon: str = arg("2,4,16", "best-of-n from SFT for each n")
     iterations: int = arg(30, "iterations of every ppo / pg run (the same episodes for each)")
     eval_prompts: int = arg(128, "held-out prompts every method answers")
+    no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
 
 
 def _str2bool(s):

@@ -141,6 +141,8 @@ def format_row(name, row):
     cells.append(f"ended {row['ended']:.0%} | distinct-2 {row['distinct2']:.3f}")
     if "rm_gold_acc" in row:
         cells.append(f"rm-gold agreement {agreement(row)}")
+    if "lm_loss" in row:
+        cells.append(f"LM loss {row['lm_loss']:.3f}")
     return " | ".join(cells)
 
 

@@ -101,3 +101,24 @@ def test_ptx_coef_adds_the_lm_loss_and_zero_changes_nothing(stages, tmp_path):
     assert "ptx_loss" not in plain[0] and all(r["ptx_loss"] > 0 for r in steps)
     assert steps[0]["first_ratio"] == 1.0  # the PPO terms are as before on the first minibatch
     assert not all(torch.equal(a, b) for a, b in zip(plain_ckpt["model"].values(), ptx_ckpt["model"].values()))
+
+
+def test_frontier_runs_each_method_then_reuses_the_runs(stages, tmp_path):
+    out = str(tmp_path / "frontier")
+    args = ("study.py", "frontier", "--preset", "tiny", "--sft_dir", stages["sft"], "--rm_dir", stages["rm"],
+            "--out_dir", out, *LONG, "--methods", "rloo,grpo,dpo,bon", "--bon", "1,2")
+    result = run(*args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    with open(os.path.join(out, "frontier.json")) as f:
+        points = json.load(f)["points"]
+    assert [(p["method"], p["value"]) for p in points] == [("sft", 0), ("rloo", 0.1), ("grpo", 0.1), ("dpo", 0.1),
+                                                           ("bon", 1), ("bon", 2)]
+    sft, bon1 = points[0], points[4]
+    # best-of-1 draws exactly the SFT samples (the same draws): the same gold, win rate 1/2, KL 0, no tax
+    assert bon1["gold"] == sft["gold"] and bon1["win_rate"] == 0.5 and bon1["kl"] == 0.0
+    for p in points:
+        assert {"gold", "kl", "alignment_tax", "length", "distinct2", "wall_s", "win_rate"} <= set(p)
+    assert all(p["wall_s"] > 0 for p in points[1:4])
+    assert os.path.exists(os.path.join(out, "frontier.png")) and os.path.exists(os.path.join(out, "frontier.md"))
+    again = run(*args)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 3
