@@ -82,7 +82,8 @@ def save(iteration):
         "stage": "pg", "model": policy.state_dict(), "model_config": sft_ckpt["model_config"],
         "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": iteration,
         "optimizer": policy_opt.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
-        "baseline": running_baseline.state_dict(), "rng": rng_state(generator), "data_rng": data_rng.bit_generator.state})
+        "baseline": running_baseline.state_dict(), "rng": rng_state(generator),
+        "data_rng": data_rng.bit_generator.state})
 
 
 # ---------------------------------------------------------------- the loop

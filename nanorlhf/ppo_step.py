@@ -132,8 +132,9 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch, first_order, m
                guard, step, ptx_loss=None):
     """cfg.ppo_epochs passes over the batch in shuffled minibatches (the first pass in `first_order`), each a
     clipped policy loss + vf_coef * clipped value loss (+ cfg.ptx_coef * ptx_loss(policy), PPO-ptx) and one
-    step of each optimizer (detail 7); the guard counts non-finite steps. batch holds the rollout and "old_logprobs", "old_values", "advantages",
-    "returns" (B, N). Reads cfg's ppo_epochs, temperature, clip_range, clip_range_value, vf_coef, grad_clip.
+    step of each optimizer (detail 7); the guard counts non-finite steps. batch holds the rollout and
+    "old_logprobs", "old_values", "advantages", "returns" (B, N). Reads cfg's ppo_epochs, temperature,
+    clip_range, clip_range_value, vf_coef, grad_clip (and ptx_coef).
     -> the statistics of each minibatch, a list of dicts of 0-dim tensors."""
     stats = []
     for epoch in range(cfg.ppo_epochs):
