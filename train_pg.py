@@ -26,7 +26,7 @@ from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
 from nanorlhf.pg import RunningMeanBaseline
-from nanorlhf.pg_step import group_prompts, pg_advantages, pg_update, kl_estimator_of
+from nanorlhf.pg_step import group_prompts, kl_estimator_of, pg_advantages, pg_update
 from nanorlhf.ppo_step import batch_sizes, iteration_metrics, old_and_reference_logprobs, rollout, rollout_kl, \
     score_responses
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
