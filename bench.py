@@ -6,6 +6,7 @@ python bench.py sample --device cuda --dtype bfloat16 --cuda_graph   # one GPU: 
 python bench.py train                   # SFT training tokens/s and achieved FLOP/s (MFU on a known GPU)
 python bench.py train --device cuda --dtype bfloat16 --compile        # the gpu preset, the MFU figure
 python bench.py ppo                     # one PPO iteration split into rollout / scoring / ref+value / learning
+python bench.py pg                      # PPO vs RLOO vs GRPO: one iteration each, same sampled responses; memory
 
 `train` and `ppo` (nanorlhf/benchmark.py) use random weights at a preset's model size
 (--preset; default gpu on CUDA, cpu otherwise). On CPU `train` times fp32 and bf16
@@ -199,9 +200,10 @@ def print_table(rows, modes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sample", "train", "ppo"], help="what to measure")
+    parser.add_argument("what", choices=["sample", "train", "ppo", "pg"], help="what to measure")
     parser.add_argument("--preset", default="", help="train/ppo: the model size (default gpu on CUDA, else cpu)")
     parser.add_argument("--steps", type=int, default=8, help="train: timed optimizer steps")
+    parser.add_argument("--algos", default="ppo,rloo,grpo", help="pg: the methods to time, each in a fresh process")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights, activations, cache")
     parser.add_argument("--models", default="", help=f"comma-separated, of {', '.join(MODELS)}; "
@@ -226,6 +228,8 @@ def main():
                         help="train: dropout while training (default: the preset's SFT dropout, as train_sft.py)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.what == "pg":
+        return bench_pg_vs_ppo(args, device, dtype)
     if args.what in ("train", "ppo"):
         return bench_training(args, device, dtype)
     args.batch = args.batch or (64 if device.type == "cuda" else 32)
@@ -245,6 +249,32 @@ def main():
           f"tokens/s, median of {args.repeats}")
     rows = [bench_model(name, args, device, dtype, modes) for name in models]
     print_table(rows, modes)
+
+
+def _one_iteration(preset, device, dtype, algo):
+    from nanorlhf.benchmark import bench_pg, bench_ppo
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    return bench_ppo(preset, device, dtype) if algo == "ppo" else bench_pg(preset, device, dtype, algo)
+
+
+def bench_pg_vs_ppo(args, device, dtype):
+    """One iteration of PPO and of each critic-free method at the same number of sampled responses and
+    minibatch steps, each in a fresh process: on CPU peak memory is the process's peak resident set, which
+    nothing resets (flops.peak_memory_gb), so each method needs a process of its own."""
+    import concurrent.futures
+    import multiprocessing
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    load = os.getloadavg()[0]
+    print(f"one iteration each, {preset} preset, {args.dtype} on {device} | threads {torch.get_num_threads()} | "
+          f"load {load:.2f} on {os.cpu_count()} cores")
+    print(f"{'method':<10} {'rollout':>8} {'score':>8} {'ref(+V)':>8} {'learn':>8} {'total s':>8} {'peak GB':>8}")
+    for algo in args.algos.split(","):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            r = pool.submit(_one_iteration, preset, str(device), dtype, algo).result()
+        print(f"{algo:<10} {r['rollout_s']:8.2f} {r['score_s']:8.2f} {r['ref_value_s']:8.2f} {r['learn_s']:8.2f} "
+              f"{r['total_s']:8.2f} {r['peak_mem_gb']:8.2f}", flush=True)
+    print(f"{r['rollout_batch']} responses x up to {r['max_new_tokens']} tokens each; load after "
+          f"{os.getloadavg()[0]:.2f}")
 
 
 def bench_training(args, device, dtype):

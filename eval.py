@@ -12,6 +12,8 @@ Columns (mean ± standard error over prompts):
   win rate  share of prompts where the gold judge prefers the method's response to SFT's (ties 1/2)
   words     response length; ended: share that emitted <|endoftext|>; distinct-2: unique word bigrams
   rm-gold   share of pairs of the method's own responses that the RM orders as the gold judge does
+  LM loss   held-out language-modelling loss on the validation stories SFT validated on (nats/token): its
+            rise over SFT's is the alignment tax (best-of-n samples SFT: SFT's loss)
 Best-of-1 draws exactly the SFT samples (same seed): its row equals SFT's, a check of the set-up.
 Writes out_dir/results.json (every row, the settings, side-by-side samples) and results.md (the table).
 """
@@ -24,7 +26,7 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_policy
 from nanorlhf.config import EvalConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
-from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row
+from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row, heldout_lm_loss
 from nanorlhf.runtime import setup_runtime
 
 WIDTH = 100  # console width of the side-by-side samples
@@ -58,6 +60,7 @@ def same_draws():
 print(f"{len(prompts)} held-out prompts | temperature {cfg.temperature} | max_new_tokens {cfg.max_new_tokens}")
 results, skipped = [], []  # results: dicts of method, source, row, samples
 sft_row, sft_samples = evaluate_policy(reference, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws())
+sft_row["lm_loss"] = heldout_lm_loss(reference, enc, cfg.dataset, rt)
 results.append({"method": "sft", "source": cfg.sft_dir, "row": sft_row, "samples": sft_samples})
 for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
     if os.path.realpath(ckpt_dir) == os.path.realpath(cfg.sft_dir):
@@ -78,11 +81,13 @@ for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
         name = ckpt_dir
     row, samples = evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws(),
                                    baseline_gold=sft_samples["gold"])
+    row["lm_loss"] = heldout_lm_loss(policy, enc, cfg.dataset, rt)
     results.append({"method": name, "source": ckpt_dir, "row": row, "samples": samples})
     print(format_row(name, row), flush=True)
 for n in [int(x) for x in cfg.bon.split(",") if x.strip()]:
     row, samples = evaluate_best_of_n(reference, rm, gain, bias, enc, prompts, n, cfg, rt, same_draws(),
                                       baseline_gold=sft_samples["gold"])
+    row["lm_loss"] = sft_row["lm_loss"]  # SFT's own samples: the model is SFT's
     results.append({"method": f"best-of-{n}", "source": f"{cfg.sft_dir} x {n}", "row": row, "samples": samples})
     print(format_row(f"best-of-{n}", row), flush=True)
 ranked = sorted(results, key=lambda r: -r["row"]["gold"][0])
@@ -102,14 +107,19 @@ def cell(row, key, digits=3):
     return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def ranked_sft_loss(ranked):
+    return next(r["row"]["lm_loss"] for r in ranked if r["method"] == "sft")
+
+
 def markdown_table(ranked):
     lines = ["| rank | method | gold | RM reward | KL to SFT | win rate vs SFT | words | ended | distinct-2 | "
-             "RM-gold agreement |", "|" + "---|" * 10]
+             "RM-gold agreement | LM loss (tax) |", "|" + "---|" * 11]
     for i, r in enumerate(ranked, 1):
         row = r["row"]
         lines.append(f"| {i} | {r['method']} | {cell(row, 'gold')} | {cell(row, 'reward')} | {cell(row, 'kl')} | "
                      f"{cell(row, 'win_rate')} | {cell(row, 'length', 1)} | {row['ended']:.0%} | "
-                     f"{row['distinct2']:.3f} | {agreement(row)} |")
+                     f"{row['distinct2']:.3f} | {agreement(row)} | {row['lm_loss']:.3f} "
+                     f"({row['lm_loss'] - ranked_sft_loss(ranked):+.3f}) |")
     return lines
 
 

@@ -4,6 +4,7 @@ python study.py overoptimization        # biased raters -> RM -> PPO with a weak
 python study.py beta_sweep              # PPO at several fixed KL coefficients: held-out gold and KL of each
 python study.py rounds --rounds 2       # iterated RLHF: fresh preferences on the current policy each round
 python study.py overoptimization --preset tiny --iterations 3 --rater_bias length   # seconds, for tests
+python study.py frontier --sft_dir out/sft --rm_dir out/rm   # every method's gold vs KL (nanorlhf/frontier.py)
 
 overoptimization (Gao et al. 2022): the reward model learns from raters with a hidden taste (length, or
   gushing words) that the gold judge lacks; PPO with a weak, fixed KL penalty then pushes on it. The proxy
@@ -57,6 +58,9 @@ BIASES = ("none", "length", "flowery", "sycophancy")
 SMOOTH = 5  # iterations per window of the peak-and-fall test on the noisy per-iteration gold
 
 study = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+if study == "frontier":  # its own settings (FrontierConfig) and module
+    from nanorlhf.frontier import main
+    sys.exit(main(sys.argv[2:]))
 cfg = parse_config(StudyConfig, "study", sys.argv[2 if study else 1:], description=__doc__)
 if study not in STUDIES:
     raise SystemExit(f"name a study first: python study.py {{{'|'.join(STUDIES)}}} [--flags]"

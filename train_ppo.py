@@ -4,6 +4,7 @@ python train_ppo.py                 # the whole pipeline: trains out/sft and out
 python train_ppo.py --preset tiny   # seconds, for tests
 python train_ppo.py --resume        # continue out/ppo/ckpt.pt
 python train_ppo.py --init_policy out/ppo --rm_dir out/rm2 --out_dir out/ppo2   # iterated RLHF: a new round
+python train_ppo.py --ptx_coef 1.0  # PPO-ptx (InstructGPT): plus gamma x the LM loss on training stories
 
 Each iteration: prompts -> rollout -> RM score -> old and reference logprobs, values -> KL-shaped rewards,
 GAE, whitened advantages -> PPO epochs -> adaptive KL update. The phases are in nanorlhf/ppo_step.py, the
@@ -25,7 +26,7 @@ from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController
 from nanorlhf.ppo_step import advantages, batch_sizes, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
-    ppo_update, rollout, score_responses, value_model_from
+    ppo_update, ptx_loss_of, rollout, score_responses, value_model_from
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
     stop_if_diverged, train_missing_stages
 from nanorlhf.sampler import make_decode_step
@@ -78,6 +79,7 @@ try:
 except (OSError, ValueError, RuntimeError) as e:  # missing, empty or undownloadable corpus
     raise SystemExit(str(e))
 per_rank, minibatch_size = batch_sizes(cfg.rollout_batch, cfg.n_minibatches, rt.world_size, len(train_prompts))
+ptx_loss = ptx_loss_of(enc, cfg, rt, data_rng)  # PPO-ptx: the LM loss on training stories; None at --ptx_coef 0
 
 
 def save(iteration):
@@ -113,9 +115,9 @@ for iteration in range(start, cfg.iterations):
                                                        batch["old_values"], batch["mask"], kl_ctl.value, cfg.gamma,
                                                        cfg.lam, rt)
     t2 = time.time()
-    # 5. update: ppo_epochs passes of shuffled minibatches, clipped policy and value losses
+    # 5. update: ppo_epochs passes of shuffled minibatches, clipped policy and value losses (+ the ptx term)
     stats = ppo_update(policy_train, value_train, policy_opt, value_opt, batch, first_order, minibatch_size, cfg,
-                       rt, generator, guard, iteration + 1)
+                       rt, generator, guard, iteration + 1, ptx_loss)
     t3 = time.time()
     # 6. adaptive KL: move beta so that KL(pi || pi_ref) per response approaches target_kl
     kl, kl_coef = rollout_kl(batch, rt), kl_ctl.value

@@ -13,11 +13,13 @@ import time
 import torch
 import torch.nn.attention
 
-from nanorlhf.config import PPOConfig, SFTConfig, make_config
+from nanorlhf.config import PGConfig, PPOConfig, SFTConfig, make_config
 from nanorlhf.flops import model_flops_per_token, peak_flops, peak_memory_gb, reset_peak_memory, sync, training_speed
 from nanorlhf.guard import NonFiniteGuard
 from nanorlhf.model import GPT, GPTConfig, ScalarGPT
 from nanorlhf.optim import backward, make_optimizer, optimizer_step
+from nanorlhf.pg import RunningMeanBaseline
+from nanorlhf.pg_step import kl_estimator_of, pg_advantages, pg_update
 from nanorlhf.ppo_step import advantages, old_and_reference_logprobs, ppo_update, rollout, score_responses
 from nanorlhf.runtime import DTYPES, Runtime, set_cuda_kernels
 from nanorlhf.sampler import make_decode_step
@@ -102,6 +104,70 @@ def bench_sft(preset_or_config="gpu", device="cuda", dtype=torch.bfloat16, compi
             "peak_mem_gb": peak_memory_gb(rt.device)}
 
 
+def random_models_and_prompts(cfg, rt, seed):
+    """Random-init policy, its frozen copy (the reference) and a reward model of cfg's size, and a batch of
+    cfg.rollout_batch random prompts (half the rows left-padded to half length, as real prompts).
+    <|endoftext|> is the last id, which random weights rarely draw: every response runs to max_new_tokens."""
+    B, P = cfg.rollout_batch, cfg.max_prompt_tokens
+    torch.manual_seed(seed)
+    config = model_config(cfg)
+    policy = GPT(config).to(rt.device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = ScalarGPT(config).to(rt.device).eval().requires_grad_(False)
+    eos = config.vocab_size - 1
+    generator = torch.Generator(rt.device).manual_seed(seed)
+    prompt = torch.randint(0, eos, (B, P), device=rt.device, generator=generator)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[B // 2:, :P // 2] = 0
+    return policy, reference, rm, prompt.masked_fill(prompt_mask == 0, eos), prompt_mask, eos, generator
+
+
+def bench_pg(preset="gpu", device="cuda", dtype=torch.bfloat16, algo="grpo", warmup=1, seed=0):
+    """Time one iteration of a critic-free method (train_pg.py's calls) at a preset's size, phase by phase as
+    bench_ppo, with the same number of sampled responses (rollout_batch) and minibatch steps as PPO's
+    (epochs x n_minibatches): rollout, score, ref (old and reference logprobs, advantages: no value model),
+    learn (pg_update). The prompts are random; group structure does not change the cost."""
+    rt = bench_runtime(device, dtype)
+    cfg = make_config(PGConfig, "pg", preset=preset, algo=algo)
+    B, N = cfg.rollout_batch, cfg.max_new_tokens
+    minibatch_size = B // cfg.n_minibatches
+    policy, reference, rm, prompt, prompt_mask, eos, generator = random_models_and_prompts(cfg, rt, seed)
+    policy_opt = make_optimizer(policy, cfg.lr, 0.0, rt.device)
+    guard = NonFiniteGuard(cfg.max_bad_steps, "", {"lr": cfg.lr}, rt.dtype)
+    baseline = RunningMeanBaseline(cfg.baseline_decay)
+
+    def iteration():
+        times = {}
+        t = time.perf_counter()
+        batch = rollout(policy, prompt, prompt_mask, N, cfg.temperature, eos, rt, generator)
+        sync(rt.device)
+        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+        scores, _ = score_responses(rm, 1.0, 0.0, batch, eos, cfg.no_eos_penalty, rt)
+        sync(rt.device)
+        times["score_s"], t = time.perf_counter() - t, time.perf_counter()
+        first_order = torch.randperm(B, generator=generator, device=rt.device)
+        batch["old_logprobs"], batch["ref_logprobs"], _ = old_and_reference_logprobs(
+            policy, reference, None, batch, first_order, minibatch_size, cfg.temperature, rt)
+        batch["advantages"], _ = pg_advantages(algo, scores, batch["old_logprobs"], batch["ref_logprobs"],
+                                               batch["mask"], cfg.group_size, cfg.kl_coef,
+                                               kl_estimator_of(algo, cfg.kl_estimator), baseline)
+        sync(rt.device)
+        times["ref_value_s"], t = time.perf_counter() - t, time.perf_counter()
+        pg_update(policy, policy_opt, batch, first_order, minibatch_size, cfg, rt, generator, guard, 0)
+        sync(rt.device)
+        times["learn_s"] = time.perf_counter() - t
+        return times, int(batch["mask"].sum())
+
+    for _ in range(warmup):
+        iteration()
+    reset_peak_memory(rt.device)
+    times, response_tokens = iteration()
+    total = sum(times.values())
+    return {**times, "algo": algo, "total_s": total, "rollout_batch": B, "max_new_tokens": N,
+            "response_tokens": response_tokens, "rollout_tokens_per_s": response_tokens / times["rollout_s"],
+            "dtype": str(rt.dtype), "compile": False, "peak_mem_gb": peak_memory_gb(rt.device)}
+
+
 def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=None, seed=0,
               compile_mode="default"):
     """Time one PPO iteration of a preset's size and settings, phase by phase, with train_ppo.py's own calls:
@@ -115,14 +181,10 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
     warmup = warmup if warmup is not None else 2 if compile else 1
     rt = bench_runtime(device, dtype)
     cfg = make_config(PPOConfig, "ppo", preset=preset, compile_mode=compile_mode)
-    B, P, N = cfg.rollout_batch, cfg.max_prompt_tokens, cfg.max_new_tokens
+    B, N = cfg.rollout_batch, cfg.max_new_tokens
     minibatch_size = B // cfg.n_minibatches
-    torch.manual_seed(seed)
-    config = model_config(cfg)
-    policy = GPT(config).to(rt.device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = ScalarGPT(config).to(rt.device).eval().requires_grad_(False)
-    value_model = ScalarGPT(config).to(rt.device)
+    policy, reference, rm, prompt, prompt_mask, eos, generator = random_models_and_prompts(cfg, rt, seed)
+    value_model = ScalarGPT(policy.config).to(rt.device)
     policy_opt = make_optimizer(policy, cfg.lr, 0.0, rt.device)
     value_opt = make_optimizer(value_model, cfg.value_lr, 0.0, rt.device)
     policy_train, value_train = (torch.compile(m, mode=compile_mode) if compile else m
@@ -131,12 +193,6 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
     if compile:
         decode_step = make_decode_step(policy, "cuda_graph" if rt.device.type == "cuda" else "compile")
     guard = NonFiniteGuard(cfg.max_bad_steps, "", {"lr": cfg.lr}, rt.dtype)  # reads the loss each step, as training
-    eos = config.vocab_size - 1
-    generator = torch.Generator(rt.device).manual_seed(seed)
-    prompt = torch.randint(0, eos, (B, P), device=rt.device, generator=generator)
-    prompt_mask = torch.ones_like(prompt)
-    prompt_mask[B // 2:, :P // 2] = 0  # half the rows left-padded to half length, as real prompts
-    prompt = prompt.masked_fill(prompt_mask == 0, eos)
 
     def iteration():
         times = {}

@@ -24,7 +24,7 @@ from nanorlhf.tokenizer import same_tokenizer, tokenizer_from_state
 REQUIRED = {"stage", "model", "model_config", "config", "tokenizer", "step"}
 # the command that makes each stage's checkpoint, for error messages
 MAKES = {"sft": "python train_sft.py", "rm": "python train_rm.py", "ppo": "python train_ppo.py",
-         "dpo": "python train_dpo.py"}
+         "dpo": "python train_dpo.py", "pg": "python train_pg.py"}
 
 
 class CheckpointError(RuntimeError):

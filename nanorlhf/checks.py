@@ -15,14 +15,14 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every",
                  "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "sample_every",
                  "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "rollout_batch",
-                 "n_minibatches", "ppo_epochs", "kl_horizon", "eval_prompts", "save_every", "bon_prompts")
+                 "n_minibatches", "ppo_epochs", "group_size", "kl_horizon", "eval_prompts", "save_every", "bon_prompts")
 # >= 0: none shown, no extra round, the whole corpus, PPO's final evaluation only (of --init_policy)
 COUNTS = ("n_samples", "rounds", "tokenizer_chars", "iterations")
 # Floats that must be > 0 (rates, scales, noise), lie in [0, 1] (discounts), or be >= 0 (0 switches them off).
 POSITIVE_FLOATS = ("lr", "value_lr", "temperature", "grad_clip", "beta", "rater_noise_low",
                    "rater_noise_high", "clip_range", "clip_range_value", "target_kl")
-UNIT_FLOATS = ("gamma", "lam")  # 0 <= x <= 1
-NON_NEGATIVE_FLOATS = ("min_lr", "weight_decay", "vf_coef", "init_kl_coef", "kl_coef")
+UNIT_FLOATS = ("gamma", "lam", "baseline_decay")  # 0 <= x <= 1
+NON_NEGATIVE_FLOATS = ("min_lr", "weight_decay", "vf_coef", "init_kl_coef", "kl_coef", "ptx_coef")
 
 
 def _check_numbers(cfg):
@@ -56,7 +56,8 @@ def _check_numbers(cfg):
         raise ValueError(f"val_fraction must be between 0 and 1 (a share of the prompts), got {cfg.val_fraction}")
     # comma-separated lists of numbers: best-of-n's n and the beta sweep's KL coefficients
     for name, kind, ok, need in (("bon", int, lambda n: n >= 1, "whole numbers >= 1"),
-                                 ("betas", float, lambda b: math.isfinite(b) and b > 0, "finite numbers > 0")):
+                                 *((name, float, lambda b: math.isfinite(b) and b > 0, "finite numbers > 0")
+                                   for name in ("betas", "grpo_kl_coefs", "dpo_betas"))):
         items = [x.strip() for x in str(getattr(cfg, name, "")).split(",") if x.strip()]
         try:
             good = all(ok(kind(x)) for x in items)
@@ -94,6 +95,14 @@ def check_config(cfg):
         if not 0 < cfg.rater_noise_low <= cfg.rater_noise_high:
             raise ValueError(f"need 0 < rater_noise_low <= rater_noise_high, got {cfg.rater_noise_low}, "
                              f"{cfg.rater_noise_high}")
+    if hasattr(cfg, "group_size"):  # the policy-gradient methods (train_pg.py)
+        if cfg.algo not in ("reinforce", "rloo", "grpo", "drgrpo"):
+            raise ValueError(f"unknown algo {cfg.algo!r}: reinforce | rloo | grpo | drgrpo")
+        if cfg.kl_estimator not in ("auto", "k1", "k2", "k3"):
+            raise ValueError(f"unknown kl_estimator {cfg.kl_estimator!r}: auto | k1 | k2 | k3")
+        if cfg.rollout_batch % cfg.group_size or (cfg.algo != "reinforce" and cfg.group_size < 2):
+            raise ValueError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of group_size "
+                             f"({cfg.group_size}), and {cfg.algo} needs group_size >= 2 (a group to compare within)")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
 

@@ -24,9 +24,11 @@ PRESETS = {
         "sft": dict(max_iters=8, batch_size=8, eval_every=4, eval_iters=2, sample_every=4, warmup_iters=2),
         "rm": dict(n_prompts=32, k_responses=2, batch_size=8, epochs=1, norm_samples=16, eval_samples=16),
         "ppo": dict(iterations=2, rollout_batch=8, n_minibatches=2, eval_prompts=8, sample_every=1),
+        "pg": dict(iterations=2, rollout_batch=8, group_size=4, n_minibatches=2, eval_prompts=8, sample_every=1),
         "dpo": dict(max_iters=4, batch_size=8),
         "eval": dict(n_prompts=8),
         "study": dict(iterations=3, eval_prompts=8, bon_max=4, bon_prompts=8),
+        "frontier": dict(iterations=2, eval_prompts=8, betas="0.1", grpo_kl_coefs="0.1", dpo_betas="0.1", bon="1,2"),
     },
     "cpu": {
         "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
@@ -35,6 +37,9 @@ PRESETS = {
         "rm": dict(n_prompts=2000, k_responses=4, batch_size=16, epochs=2, lr=3e-4, norm_samples=256, eval_samples=512),
         "ppo": dict(iterations=30, rollout_batch=64, n_minibatches=4, eval_prompts=128, sample_every=5, lr=5e-5,
                     value_lr=1e-4, init_kl_coef=0.1),
+        "pg": dict(iterations=30, rollout_batch=64, group_size=4, n_minibatches=4, eval_prompts=128, sample_every=5,
+                   lr=5e-5),
+        "frontier": dict(iterations=30, eval_prompts=128),
         "dpo": dict(max_iters=150, batch_size=16, lr=5e-5),
         "tinystories_full": {"all": dict(tokenizer_chars=20_000_000)},  # a BPE on 2 GB of text would take hours
     },
@@ -51,6 +56,9 @@ PRESETS = {
                    eval_samples=1024),
         "ppo": dict(iterations=40, rollout_batch=256, n_minibatches=4, eval_prompts=512, sample_every=10, lr=2e-5,
                     value_lr=1e-4, init_kl_coef=0.1, save_every=10),
+        "pg": dict(iterations=40, rollout_batch=256, group_size=4, n_minibatches=4, eval_prompts=512, sample_every=10,
+                   lr=2e-5, save_every=10),
+        "frontier": dict(iterations=40, eval_prompts=512),
         "dpo": dict(max_iters=300, batch_size=64, lr=1e-5),
         "eval": dict(n_prompts=512),
         "study": dict(iterations=100, eval_prompts=512, bon_prompts=256),
@@ -62,6 +70,8 @@ PRESETS = {
                         sft_dropout=0.0),
             "rm": dict(n_prompts=8000, epochs=1),
             "ppo": dict(iterations=200, sample_every=20, save_every=20),
+            "pg": dict(iterations=200, sample_every=20, save_every=20),
+            "frontier": dict(iterations=200),
             "dpo": dict(max_iters=2000),
             "study": dict(iterations=300),
         },
@@ -174,6 +184,31 @@ class PPOConfig(CommonConfig):
     sample_every: int = arg(5, "print a table of samples every N iterations")
     save_every: int = arg(5, "checkpoint every N iterations")
     init_policy: str = arg("", "iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)")
+    ptx_coef: float = arg(0.0, "PPO-ptx (Ouyang et al. 2022): gamma x the LM loss on training stories, added to "
+                               "each PPO step's loss; 0 = off")
+
+
+@dataclass
+class PGConfig(CommonConfig):
+    sft_dir: str = arg("out/sft", "policy and reference start here")
+    rm_dir: str = arg("out/rm", "the reward model")
+    algo: str = arg("rloo", "reinforce | rloo | grpo | drgrpo (docs/pg.md)")
+    iterations: int = arg(30, "rollout + learn cycles")
+    rollout_batch: int = arg(64, "responses per iteration (PPO's episodes): rollout_batch / group_size prompts")
+    group_size: int = arg(4, "k responses sampled per prompt (the group of RLOO's and GRPO's baselines)")
+    n_minibatches: int = arg(4, "minibatches per epoch")
+    epochs: int = arg(4, "passes over each rollout batch (as PPO's ppo_epochs)")
+    lr: float = arg(5e-5, "policy learning rate")
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
+    kl_coef: float = arg(0.1, "beta: on the KL in the reward (reinforce, rloo) or on the KL term of the loss "
+                              "(grpo, drgrpo)")
+    kl_estimator: str = arg("auto", "auto (k1 in the reward, k3 in the loss) | k1 | k2 | k3 (Schulman 2020)")
+    clip_range: float = arg(0.2, "ratio clip")
+    baseline_decay: float = arg(0.9, "reinforce: decay of the running-mean baseline")
+    no_eos_penalty: float = arg(-1.0, "RM score given to responses that never emit <|endoftext|>")
+    eval_prompts: int = arg(128, "held-out prompts for the final gold evaluation")
+    sample_every: int = arg(5, "print a table of samples every N iterations")
+    save_every: int = arg(5, "checkpoint every N iterations")
 
 
 @dataclass
@@ -214,6 +249,20 @@ class StudyConfig(CommonConfig):
     bon_max: int = arg(64, "overoptimization: best-of-n for n = 1, 2, 4 .. this (a power of 2; 0 = none), "
                             "from this many SFT samples per held-out prompt drawn once")
     bon_prompts: int = arg(64, "overoptimization: held-out prompts best-of-n answers")
+    no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
+
+
+@dataclass
+class FrontierConfig(CommonConfig):
+    sft_dir: str = arg("", "the SFT checkpoint every method starts from; empty = out_dir/sft, trained if missing")
+    rm_dir: str = arg("", "the reward model every method optimises; empty = out_dir/rm, trained if missing")
+    methods: str = arg("ppo,reinforce,rloo,grpo,drgrpo,dpo,bon", "comma-separated methods to run")
+    betas: str = arg("0.03,0.1,0.3", "fixed KL coefficients of ppo, reinforce and rloo (KL in the reward)")
+    grpo_kl_coefs: str = arg("0.01,0.1,0.3", "KL coefficients of grpo and drgrpo (k3 term in the loss)")
+    dpo_betas: str = arg("0.03,0.1,0.3", "DPO betas")
+    bon: str = arg("2,4,16", "best-of-n from SFT for each n")
+    iterations: int = arg(30, "iterations of every ppo / pg run (the same episodes for each)")
+    eval_prompts: int = arg(128, "held-out prompts every method answers")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
 
 

@@ -1,15 +1,17 @@
 """Evaluate a policy on held-out prompts, the same way for every method:
 gold score (mean and standard error), RM reward, KL to the SFT reference, win rate
 against SFT by the gold judge, response length, distinct-2 (diversity) and how well
-the RM still agrees with the gold judge on the policy's own samples. Best-of-n too, and the
-Goodhart curves of over-optimisation: their fits and the test that a curve peaked and fell."""
+the RM still agrees with the gold judge on the policy's own samples, and the alignment tax: the held-out
+language-modelling loss on the validation stories SFT was validated on. Best-of-n too, and the Goodhart
+curves of over-optimisation: their fits and the test that a curve peaked and fell."""
 import math
 
 import numpy as np
 import torch
 
+from nanorlhf.data import encode_stories, load_corpus, story_batch, train_val_stories
 from nanorlhf.judge import gold_scores
-from nanorlhf.model import response_logprobs
+from nanorlhf.model import lm_loss, response_logprobs
 from nanorlhf.metrics import print_samples
 from nanorlhf.reward import normalised_scores
 from nanorlhf.sampler import sample_responses
@@ -139,6 +141,24 @@ def kl_to_reference(policy, reference, batches, rt, temperature):
     return torch.cat(out).cpu().numpy()
 
 
+@torch.no_grad()
+def heldout_lm_loss(model, enc, dataset, rt, batch_size=16):
+    """The alignment tax's measure (Ouyang et al. 2022, Sec. 4.2): mean -log p per token of every validation
+    story (the split train_sft.py validates on; loss on whole stories, as SFT from scratch trains), cut to the
+    model's block_size. RL that keeps the SFT model's language raises it little. -> nats per token."""
+    seqs, prompt_lens = encode_stories(enc, train_val_stories(load_corpus(dataset))[1])
+    total, tokens = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        rows = range(start, min(start + batch_size, len(seqs)))
+        x, y, loss_mask = (t.to(rt.device) for t in story_batch(seqs, prompt_lens, rows, model.config.block_size,
+                                                                 enc.eot_token, loss_on_response=False))
+        with rt.autocast():
+            logits = model(x)  # (b, T, V)
+        n = int(loss_mask.sum())
+        total, tokens = total + float(lm_loss(logits, y, loss_mask)) * n, tokens + n
+    return total / max(tokens, 1)
+
+
 def evaluate_samples(prompts, texts, ended, rewards=None, kl=None, baseline_gold=None):
     """The table row of one method from its samples."""
     gold = gold_scores(prompts, texts, ended)
@@ -191,6 +211,8 @@ def format_row(name, row):
     cells.append(f"ended {row['ended']:.0%} | distinct-2 {row['distinct2']:.3f}")
     if "rm_gold_acc" in row:
         cells.append(f"rm-gold agreement {agreement(row)}")
+    if "lm_loss" in row:
+        cells.append(f"LM loss {row['lm_loss']:.3f}")
     return " | ".join(cells)
 
 
@@ -215,10 +237,14 @@ def compare_to_reference(name, policy, reference, rm, gain, bias, enc, prompts, 
                    for p, a, b, ga, gb in list(zip(prompts, samples["texts"], ref_samples["texts"],
                                                    samples["gold"], ref_samples["gold"]))[:3]])
     key = name.lower()
+    lm_sft, lm_policy = (heldout_lm_loss(m, enc, cfg.dataset, rt) for m in (reference, policy))
+    print(f"held-out LM loss on the validation stories (alignment tax): SFT {lm_sft:.4f} | {name} {lm_policy:.4f} "
+          f"({lm_policy - lm_sft:+.4f} nats/token)")
     rest_of_table = {f"eval_{k}_{label}": r[k][0] if isinstance(r[k], tuple) else r[k]  # means, not their s.e.
                      for label, r in (("sft", ref_row), (key, row))
                      for k in ("rm_gold_acc", "distinct2", "length", "ended")}
     return {"eval_gold_sft": ref_row["gold"][0], "eval_gold_sft_se": ref_row["gold"][1],
             f"eval_gold_{key}": row["gold"][0], f"eval_gold_{key}_se": row["gold"][1],
             "eval_win_rate": row["win_rate"][0], "eval_kl": row["kl"][0],
-            "eval_reward_sft": ref_row["reward"][0], f"eval_reward_{key}": row["reward"][0], **rest_of_table}
+            "eval_reward_sft": ref_row["reward"][0], f"eval_reward_{key}": row["reward"][0],
+            "eval_lm_loss_sft": lm_sft, f"eval_lm_loss_{key}": lm_policy, **rest_of_table}

@@ -244,6 +244,13 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def lm_loss(logits, targets, loss_mask):
+    """Mean -log p(target) over the targets that count (loss_mask 1), in fp32: the SFT loss.
+    (B, T, V), (B, T), (B, T) -> scalar"""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
 def response_logits(model, prompt, prompt_mask, response, response_mask):
     """Teacher-forced logits that predict each response token: (B, N, V).
     The token at response position t is predicted by the logits one step earlier."""

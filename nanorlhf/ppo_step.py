@@ -6,6 +6,7 @@ times the same calls.
     old_and_reference_logprobs   logprobs of the policy that sampled, of the frozen reference, and old values
     advantages       KL-shaped rewards -> GAE -> whitened advantages, and the value targets
     ppo_update       ppo_epochs passes of minibatches: clipped policy and value losses, one step each
+                     (PPO-ptx: plus ptx_coef x the LM loss of a batch of training stories, ptx_loss_of)
 
 The equations are in nanorlhf/ppo.py; this file only orders them. Tensors are (B, N) over response
 tokens; `mask` is 1 on real response tokens (through the first <|endoftext|>), 0 on padding.
@@ -13,9 +14,11 @@ tokens; `mask` is 1 on real response tokens (through the first <|endoftext|>), 0
 import numpy as np
 import torch
 
+from nanorlhf.data import encode_stories, load_corpus, story_batch, train_val_stories
 from nanorlhf.distributed import all_reduce_max, all_reduce_mean
+from nanorlhf.evaluate import distinct_n
 from nanorlhf.judge import gold_scores
-from nanorlhf.model import ScalarGPT, logprobs_from_logits, response_logits, response_values
+from nanorlhf.model import ScalarGPT, lm_loss, logprobs_from_logits, response_logits, response_values
 from nanorlhf.optim import backward, optimizer_step
 from nanorlhf.ppo import compute_gae, entropy_from_logits, explained_variance, kl_penalty_rewards, last_token_index, \
     masked_whiten, policy_loss, value_loss
@@ -81,7 +84,8 @@ def old_and_reference_logprobs(policy, reference, value_model, batch, order, min
     value model's values, all (B, N) and 0 on padding. Computed in the minibatches of the first PPO epoch
     (`order`), so that its first minibatch reproduces them exactly: ratio 1, approx-KL 0 (detail 3).
     The temperature divides the logits here as in sampling (detail 4). Forwards under autocast; the
-    logprobs and values come back in fp32, so the KL, GAE and whitening arithmetic stays fp32."""
+    logprobs and values come back in fp32, so the KL, GAE and whitening arithmetic stays fp32.
+    value_model None (the critic-free methods, train_pg.py): the old values are 0."""
     mask = batch["mask"]
     old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask, dtype=torch.float) for _ in range(3))
     with rt.autocast():
@@ -90,7 +94,8 @@ def old_and_reference_logprobs(policy, reference, value_model, batch, order, min
             response = args[2]
             old_logprobs[mb] = logprobs_from_logits(response_logits(policy, *args), response, temperature)
             ref_logprobs[mb] = logprobs_from_logits(response_logits(reference, *args), response, temperature)
-            old_values[mb] = response_values(value_model, *args)
+            if value_model is not None:
+                old_values[mb] = response_values(value_model, *args)
     return old_logprobs * mask, ref_logprobs * mask, old_values * mask
 
 
@@ -104,12 +109,32 @@ def advantages(scores, old_logprobs, ref_logprobs, old_values, mask, kl_coef, ga
         return masked_whiten(advantages, mask), returns
 
 
+def ptx_loss_of(enc, cfg, rt, data_rng):
+    """PPO-ptx (Ouyang et al. 2022, Eq. 2): the objective adds gamma * E_pretrain[log pi(x)], here the SFT
+    loss on the training stories, one batch of rollout_batch / n_minibatches stories per PPO step, drawn from
+    data_rng (saved with the run). -> a function policy -> LM loss, or None when cfg.ptx_coef is 0."""
+    if not cfg.ptx_coef:
+        return None
+    seqs, prompt_lens = encode_stories(enc, train_val_stories(load_corpus(cfg.dataset))[0])
+    rows_per_step = cfg.rollout_batch // cfg.n_minibatches
+
+    def loss(policy):
+        rows = data_rng.integers(0, len(seqs), rows_per_step)[rt.rank::rt.world_size]
+        x, y, loss_mask = (t.to(rt.device) for t in story_batch(seqs, prompt_lens, rows, cfg.block_size,
+                                                                 enc.eot_token, loss_on_response=False))
+        with rt.autocast():
+            logits = policy(x)  # (b, T, V)
+        return lm_loss(logits, y, loss_mask)
+    return loss
+
+
 def ppo_update(policy, value_model, policy_opt, value_opt, batch, first_order, minibatch_size, cfg, rt, generator,
-               guard, step):
+               guard, step, ptx_loss=None):
     """cfg.ppo_epochs passes over the batch in shuffled minibatches (the first pass in `first_order`), each a
-    clipped policy loss + vf_coef * clipped value loss and one step of each optimizer (detail 7); the guard
-    counts non-finite steps. batch holds the rollout and "old_logprobs", "old_values", "advantages",
-    "returns" (B, N). Reads cfg's ppo_epochs, temperature, clip_range, clip_range_value, vf_coef, grad_clip.
+    clipped policy loss + vf_coef * clipped value loss (+ cfg.ptx_coef * ptx_loss(policy), PPO-ptx) and one
+    step of each optimizer (detail 7); the guard counts non-finite steps. batch holds the rollout and
+    "old_logprobs", "old_values", "advantages", "returns" (B, N). Reads cfg's ppo_epochs, temperature,
+    clip_range, clip_range_value, vf_coef, grad_clip (and ptx_coef).
     -> the statistics of each minibatch, a list of dicts of 0-dim tensors."""
     stats = []
     for epoch in range(cfg.ppo_epochs):
@@ -128,6 +153,11 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch, first_order, m
             vf_loss, vf_stats = value_loss(values, batch["old_values"][mb], batch["returns"][mb], mask,
                                            cfg.clip_range_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
+            ptx_stats = {}
+            if ptx_loss is not None:
+                ptx = ptx_loss(policy)
+                loss = loss + cfg.ptx_coef * ptx
+                ptx_stats["ptx_loss"] = ptx.detach()
             backward(loss, rt)
             policy_finite = optimizer_step(policy, policy_opt, rt, cfg.grad_clip, update_scaler=False)[0]
             value_finite = optimizer_step(value_model, value_opt, rt, cfg.grad_clip)[0]  # fp16: one scaler update
@@ -135,7 +165,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch, first_order, m
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.float() / cfg.temperature, mask)
             stats.append({"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy,
-                          **pg_stats, **vf_stats})
+                          **pg_stats, **vf_stats, **ptx_stats})
     return stats
 
 
@@ -146,7 +176,8 @@ def rollout_kl(batch, rt):
 
 def iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, rt):
     """One iteration's log line: proxy reward and gold score of the rollouts, KL, and the update's statistics
-    (their mean over minibatches; first_ratio / first_approx_kl from the first minibatch, 1 and 0: detail 3)."""
+    (their mean over minibatches; first_ratio / first_approx_kl from the first minibatch, 1 and 0: detail 3).
+    The value model's keys only where there is one (stats hold a value_loss); distinct-2 of the texts."""
     mask = batch["mask"]
     first = stats[0]
     mean_stats = {k: float(all_reduce_mean(torch.stack([s[k] for s in stats]).mean(), rt)) for k in first}
@@ -162,8 +193,11 @@ def iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, 
         "first_ratio": float(first["ratio"]), "first_approx_kl": float(first["approx_kl"]),
         # the sampler's logprobs vs the teacher-forced pass: ~1e-6 when temperature and positions align
         "logprob_gap": float(all_reduce_max(((batch["logprobs"] - batch["old_logprobs"]).abs() * mask).max(), rt)),
-        "value_loss": mean_stats["value_loss"],
-        "explained_var": float(all_reduce_mean(explained_variance(batch["old_values"], batch["returns"], mask), rt)),
+        **({"value_loss": mean_stats["value_loss"],
+            "explained_var": float(all_reduce_mean(explained_variance(batch["old_values"], batch["returns"], mask),
+                                                   rt))} if "value_loss" in first else {}),
+        **{k: mean_stats[k] for k in ("kl_loss", "ptx_loss") if k in first},
         "resp_len": float(all_reduce_mean(mask.sum(1).float().mean(), rt)),
-        "ended": float(all_reduce_mean(ended.float().mean(), rt))}
+        "ended": float(all_reduce_mean(ended.float().mean(), rt)),
+        "distinct2": float(all_reduce_mean(torch.tensor(distinct_n(texts)), rt))}
     return metrics, gold

@@ -14,12 +14,10 @@ from nanorlhf.checkpoint import ckpt_path, load_checkpoint
 from nanorlhf.evaluate import goodhart_curve
 from nanorlhf.metrics import read_metrics
 from nanorlhf.guard import run_child
+from nanorlhf.runtime import REPO
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where study.py and the scripts are
-
 
 def final_eval(ppo_dir):
     """The held-out evaluation train_ppo.py logs after its last iteration (None if it never got there)."""
@@ -53,7 +51,7 @@ def run_stage(script, out_dir, flags):
         print(f"reusing {out_dir} (finished with the same flags)")
         return out_dir
     # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
-    command = [sys.executable, os.path.join(ROOT, script), "--out_dir", out_dir,
+    command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
                *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "stdout.log")

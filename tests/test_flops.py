@@ -2,9 +2,10 @@
 the tiny preset on CPU and return sensible numbers."""
 import math
 
+import pytest
 import torch
 
-from nanorlhf.benchmark import bench_ppo, bench_sft
+from nanorlhf.benchmark import bench_pg, bench_ppo, bench_sft
 from nanorlhf.flops import model_flops_per_token, peak_flops, training_speed
 from nanorlhf.model import GPTConfig
 
@@ -44,8 +45,9 @@ def test_bench_sft_on_tiny_cpu():
     assert out["mfu"] is None and peak_flops(torch.device("cpu"), torch.float32) is None  # no MFU on CPU
 
 
-def test_bench_ppo_on_tiny_cpu():
-    out = bench_ppo("tiny", "cpu", torch.float32)
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
+def test_bench_ppo_and_pg_on_tiny_cpu(algo):
+    out = bench_ppo("tiny", "cpu", torch.float32) if algo == "ppo" else bench_pg("tiny", "cpu", torch.float32, algo)
     for phase in ("rollout_s", "score_s", "ref_value_s", "learn_s"):
         assert out[phase] > 0, phase
     assert math.isclose(out["total_s"], sum(out[p] for p in ("rollout_s", "score_s", "ref_value_s", "learn_s")))

@@ -90,8 +90,8 @@ def test_files_stay_short():
 
 
 def test_every_config_field_has_help_text():
-    for cls in (config.SFTConfig, config.RMConfig, config.PPOConfig, config.DPOConfig, config.EvalConfig,
-                config.StudyConfig):
+    for cls in (config.SFTConfig, config.RMConfig, config.PPOConfig, config.PGConfig, config.DPOConfig,
+                config.EvalConfig, config.StudyConfig, config.FrontierConfig):
         missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
         assert not missing, f"{cls.__name__}: {missing}"
 
