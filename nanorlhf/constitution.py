@@ -144,9 +144,9 @@ def check_finished(prompt, text, ended):
 
 
 def check_no_repeat(prompt, text, ended):
-    """Distinct words / words (1 = no word twice); 1 for an empty text."""
-    words = _words(text)
-    return len(set(words)) / len(words) if words else 1.0
+    """-(sentences that say an earlier sentence's words again, in the same order) / sentences; 0 for none."""
+    said = [" ".join(_words(s)) for s in _sentences(text)]
+    return -sum(s in said[:i] for i, s in enumerate(said)) / len(said) if said else 0.0
 
 
 def check_no_gushing(prompt, text, ended):
