@@ -204,6 +204,11 @@ class EvalConfig(CommonConfig):
     n_prompts: int = arg(128, "held-out prompts (first sentences of validation stories) every method answers")
     n_samples: int = arg(3, "prompts whose responses from every method are shown side by side")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
+    rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated, shown as rlaif-*")
+    labeler: str = arg("", "rules | lm: measure this AI labeller against gold on each method's (response, SFT's) "
+                           "pairs; empty = rules when --rlaif_ckpts is given, else none")
+    labeler_dir: str = arg("", "--labeler lm: the feedback model's checkpoint; empty = --sft_dir")
+    constitution: str = arg("data/constitution.md", "the principles the labeller reads")
 
 
 @dataclass

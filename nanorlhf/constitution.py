@@ -379,7 +379,8 @@ def main():
     print(f"{len(rows)} pairs of {args.prefs}")
     print(format_agreement(f"{args.labeler} labeller ({args.labeler_dir or 'rules'}, swap {not args.no_swap})",
                            overall, per, n_worst=len(per)))
-    print(f"mean |P - 1/2| {np.mean(np.abs(p - 0.5)):.3f} | labels at exactly 1/2: {np.mean(p == 0.5):.1%}")
+    print(f"mean P(the file's chosen, shown as option A) {np.mean(p):.3f} | mean |P - 1/2| "
+          f"{np.mean(np.abs(p - 0.5)):.3f} | labels at exactly 1/2: {np.mean(p == 0.5):.1%}")
     print(f"the file's own labels: agreement with gold {gold_agreement([{**r, 'principle': '-'} for r in rows])[0]:.3f}")
     raters = make_rater_pool(5, 0.02, 0.2)
     print(f"simulated raters (default pool) on the same pairs: {raters_gold_agreement(rows, raters, rng):.3f}")
