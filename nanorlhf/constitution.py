@@ -371,15 +371,20 @@ def main():
     except (PreferenceFileError, CheckpointError, ConstitutionError) as e:
         raise SystemExit(str(e))
     rng = np.random.default_rng(args.seed)
-    pairs = [(r["prompt"], r["chosen"], r["rejected"], r.get("chosen_ended", True), r.get("rejected_ended", True))
-             for r in rows]
-    p, principles = labeller.label(pairs, rng)
+    # each pair shown in a random order: in the file "chosen" comes first, and a labeller that favours the
+    # first option would otherwise copy the file's labels
+    flip = rng.random(len(rows)) < 0.5
+    pairs = [(r["prompt"], *((r["rejected"], r["chosen"], r.get("rejected_ended", True), r.get("chosen_ended", True))
+                             if f else (r["chosen"], r["rejected"], r.get("chosen_ended", True),
+                                        r.get("rejected_ended", True)))) for r, f in zip(rows, flip)]
+    p_first, principles = labeller.label(pairs, rng)
+    p = np.where(flip, 1.0 - p_first, p_first)  # P(the file's chosen is better)
     ai_rows = [{**r, "p_chosen": float(x), "principle": pr} for r, x, pr in zip(rows, p, principles)]
     overall, per = gold_agreement(ai_rows)
     print(f"{len(rows)} pairs of {args.prefs}")
     print(format_agreement(f"{args.labeler} labeller ({args.labeler_dir or 'rules'}, swap {not args.no_swap})",
                            overall, per, n_worst=len(per)))
-    print(f"mean P(the file's chosen, shown as option A) {np.mean(p):.3f} | mean |P - 1/2| "
+    print(f"mean P(the first option shown) {np.mean(p_first):.3f} | mean |P - 1/2| "
           f"{np.mean(np.abs(p - 0.5)):.3f} | labels at exactly 1/2: {np.mean(p == 0.5):.1%}")
     print(f"the file's own labels: agreement with gold {gold_agreement([{**r, 'principle': '-'} for r in rows])[0]:.3f}")
     raters = make_rater_pool(5, 0.02, 0.2)
