@@ -143,6 +143,8 @@ if not train_rows or not val_rows:
     raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give "
                      f"{len(train_rows)} to train on and {len(val_rows)} to validate: label more prompts (--n_prompts), "
                      f"check --val_fraction, or sample more varied responses (identical responses make no pair)")
+if rt.is_main and soft:
+    print("soft labels (p_chosen): the Bradley-Terry loss takes them as its targets (reward.soft_bradley_terry_loss)")
 if rt.is_main:
     print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
           f"({len(train_batches)} / {len(val_batches)} prompts)")

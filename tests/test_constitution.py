@@ -219,6 +219,7 @@ def test_tiny_constitution_rm_then_ppo_then_eval(tmp_path):
     run("train_sft.py", *TINY, "--out_dir", d["sft"])
     proc = run("train_rm.py", *TINY, "--sft_dir", d["sft"], "--out_dir", d["rm"], "--feedback", "constitution",
                "--labeler", "rules", "--n_prompts", "24", "--norm_samples", "8", "--eval_samples", "8")
+    assert "soft labels (p_chosen): the Bradley-Terry loss takes them" in proc.stdout
     assert "the labeller: agreement with gold" in proc.stdout and "the simulated raters on the same pairs" in proc.stdout
     rows = read_prefs(os.path.join(d["rm"], "prefs.jsonl"))
     assert rows and all(0.5 <= r["p_chosen"] <= 1 and r["principle"] in RULES for r in rows)
