@@ -178,7 +178,8 @@ def evaluate(eval_groups):
         groups = eval_groups[i:i + cfg.batch_size]
         with rt.autocast():
             r_c, r_r = group_scores(model, batch_of(groups))
-        loss = soft_bradley_terry_loss(r_c, r_r, pair_targets(groups, rt.device)) if soft else bradley_terry_loss(r_c, r_r)
+        loss = soft_bradley_terry_loss(r_c, r_r, pair_targets(groups, rt.device)) if soft else \
+            bradley_terry_loss(r_c, r_r)
         losses.append(float(loss) * len(r_c))
         hits += ranked_right(r_c, r_r).tolist()
     model.train()

@@ -12,23 +12,23 @@ The mechanics (Bai et al. 2022, section 4.1; Lee et al. 2023):
 
 Two feedback models behind one interface (option_logprobs(requests) -> (N, 2) log-scores of A and B):
   LMFeedback     any causal LM of this project (a nanorlhf checkpoint, or GPT-2 through from_hf_gpt2)
-  RulesFeedback  one small stated check per principle (RULES): a stand-in for a capable feedback model
+  RulesFeedback  one small stated check per principle (nanorlhf/rules.py): a stand-in for a capable feedback model
 
 python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler rules      # agreement with gold
 python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler lm --labeler_dir out/sft
 """
 import argparse
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from nanorlhf.data import SENTENCE_END
+from nanorlhf.checkpoint import CheckpointError, load_policy
 from nanorlhf.judge import gold_score
+from nanorlhf.prefs import PreferenceFileError, read_prefs
 from nanorlhf.raters import make_rater_pool, rater_prefers
-from nanorlhf.tokenizer import EOT
+from nanorlhf.rules import RulesFeedback, response_text
 
 DEFAULT_CONSTITUTION = "data/constitution.md"
 LINE = re.compile(r"^- ([a-z0-9_]+):\s*(\S.*)$")  # "- name: question"
@@ -91,99 +91,6 @@ def render_prompt(context, question, first, second):
     return "".join(prompt_pieces(context, question, first, second))
 
 
-def _text(response):
-    return response.split(EOT, 1)[0].strip()
-
-
-# ---------------------------------------------------------------- feedback model 1: rules
-
-_WORD = re.compile(r"[a-z']+")
-KIND_WORDS = set("""kind kindly nice help helped helps helping share shared shares sharing hug hugged hugs friend
-friends together smile smiled smiles thank thanked thanks gentle care cared cares gave sorry""".split())
-UNKIND_WORDS = set("""mean hit hurt angry yell yelled shout shouted push pushed broke fight fought bully steal
-stole mad grabbed rude""".split())
-HAPPY_WORDS = set("""happy happily smiled smile smiles laughed laugh glad fun love loved best good great friends
-together hug hugged joy play played""".split())
-SAD_WORDS = set("""sad cried cry crying lost hurt alone broke broken angry scared never died""".split())
-BOOSTERS = {"very", "so", "really", "super"}
-STARTERS = {"once", "one", "the", "a", "an", "she", "he", "they", "it", "i", "there", "then", "every", "on",
-            "in", "at", "when", "but", "and", "we", "you", "his", "her", "their", "mom", "dad", "mommy", "daddy"}
-
-
-def _words(text):
-    return _WORD.findall(text.lower())
-
-
-def _sentences(text):
-    return [s for s in SENTENCE_END.split(text) if _WORD.search(s.lower())]
-
-
-def check_kind(prompt, text, ended):
-    """(kind words - unkind words) per 10 words, from the two short lists above, clipped to [-1, 1]."""
-    words = _words(text)
-    score = sum(w in KIND_WORDS for w in words) - sum(w in UNKIND_WORDS for w in words)
-    return max(-1.0, min(1.0, 10 * score / max(len(words), 1)))
-
-
-def check_happy_ending(prompt, text, ended):
-    """Happy words - sad words in the last two sentences, clipped to [-1, 1]."""
-    words = _words(" ".join(_sentences(text)[-2:]))
-    return max(-1.0, min(1.0, (sum(w in HAPPY_WORDS for w in words) - sum(w in SAD_WORDS for w in words)) / 2))
-
-
-def check_on_story(prompt, text, ended):
-    """Share of the prompt's names (capitalised words that are not sentence starters) said again;
-    1 when the prompt names nobody."""
-    names = {w.lower() for w in re.findall(r"\b[A-Z][a-z]+\b", prompt)} - STARTERS
-    return len(names & set(_words(text))) / len(names) if names else 1.0
-
-
-def check_finished(prompt, text, ended):
-    """1 for an <|endoftext|> and 0.5 more when the last character closes a sentence (. ! ? or a quote)."""
-    return float(ended) + 0.5 * text.endswith((".", "!", "?", '"'))
-
-
-def check_no_repeat(prompt, text, ended):
-    """-(sentences that say an earlier sentence's words again, in the same order) / sentences; 0 for none."""
-    said = [" ".join(_words(s)) for s in _sentences(text)]
-    return -sum(s in said[:i] for i, s in enumerate(said)) / len(said) if said else 0.0
-
-
-def check_no_gushing(prompt, text, ended):
-    """-(exclamation marks + boosters + a word said twice in a row) per sentence, at most 2."""
-    words = _words(text)
-    gush = text.count("!") + sum(w in BOOSTERS for w in words) + sum(a == b for a, b in zip(words, words[1:]))
-    return -min(2.0, gush / max(len(_sentences(text)), 1))
-
-
-def check_full_story(prompt, text, ended):
-    """Words / 100, at most 1: longer is more of a story, up to 100 words."""
-    return min(1.0, len(_words(text)) / 100)
-
-
-RULES = {"kind": check_kind, "happy_ending": check_happy_ending, "on_story": check_on_story,
-         "finished": check_finished, "no_repeat": check_no_repeat, "no_gushing": check_no_gushing,
-         "full_story": check_full_story}
-
-
-class RulesFeedback:
-    """A feedback model made of rules: log-score of option X = check(X) / temperature, so that
-    P(A) = sigmoid((check(A) - check(B)) / temperature). Equal checks give 1/2."""
-
-    def __init__(self, temperature=0.1):
-        self.temperature = temperature
-
-    def check_constitution(self, principles):
-        missing = [p.name for p in principles if p.name not in RULES]
-        if missing:
-            raise ConstitutionError(f"the rules labeller has no check for principle(s) {', '.join(missing)}: add one "
-                                    f"to RULES in nanorlhf/constitution.py, or use --labeler lm")
-
-    def option_logprobs(self, requests):
-        return np.array([[RULES[r["principle"]](r["context"], _text(r[key]), r[f"{key}_ended"]) / self.temperature
-                          for key in ("first", "second")] for r in requests], dtype=np.float64)
-
-
 # ---------------------------------------------------------------- feedback model 2: a language model
 
 class LMFeedback:
@@ -199,12 +106,12 @@ class LMFeedback:
                                     f"use a tokenizer with single-letter tokens (tiktoken gpt2, this project's BPE)")
         self.option_ids = [ids[0][0], ids[1][0]]
 
-    def check_constitution(self, principles):
-        pass  # a language model reads any question
+    def missing(self, principles):
+        return []  # a language model reads any question
 
     def tokens(self, request):
         head, first, mid, second, tail = prompt_pieces(request["context"], request["question"],
-                                                       _text(request["first"]), _text(request["second"]))
+                                                       response_text(request["first"]), response_text(request["second"]))
         head, mid, tail = (self.enc.encode_ordinary(s) for s in (head, mid, tail))
         room = (self.block_size - len(head) - len(mid) - len(tail)) // 2
         if room < 1:
@@ -241,7 +148,10 @@ class AILabeller:
     swap: also ask with the options swapped and average (Lee et al. 2023); clamp: (low, high) or None."""
 
     def __init__(self, principles, feedback, swap=True, clamp=None):
-        feedback.check_constitution(principles)
+        missing = feedback.missing(principles)
+        if missing:
+            raise ConstitutionError(f"the rules labeller has no check for principle(s) {', '.join(missing)}: add one "
+                                    f"to RULES in nanorlhf/rules.py, or use --labeler lm")
         if clamp is not None and not 0 <= clamp[0] <= 0.5 <= clamp[1] <= 1:
             raise ConstitutionError(f"the clamp must be low,high with 0 <= low <= 0.5 <= high <= 1, got {clamp}")
         self.principles, self.feedback, self.swap, self.clamp = principles, feedback, swap, clamp
@@ -359,8 +269,6 @@ def main():
     ap.add_argument("--label_clamp", default="")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
-    from nanorlhf.checkpoint import CheckpointError, load_policy
-    from nanorlhf.prefs import PreferenceFileError, read_prefs
     try:
         rows = read_prefs(args.prefs)[-args.n_pairs:]
         model = enc = None

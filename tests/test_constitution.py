@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import make_gpt
-from nanorlhf.constitution import RULES, AILabeller, ConstitutionError, LMFeedback, Principle, gold_agreement, \
+from nanorlhf.constitution import AILabeller, ConstitutionError, LMFeedback, Principle, gold_agreement, \
     label_pairs_ai, load_constitution, make_labeller, parse_constitution, render_prompt, soft_label
 from nanorlhf.judge import gold_score
 from nanorlhf.prefs import PreferenceFileError, read_prefs
+from nanorlhf.rules import RULES
 from nanorlhf.reward import bradley_terry_loss, pair_targets, soft_bradley_terry_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +60,8 @@ class BiasedFeedback:
     def __init__(self, bias):
         self.bias, self.requests = bias, []
 
-    def check_constitution(self, principles):
-        pass
+    def missing(self, principles):
+        return []
 
     def option_logprobs(self, requests):
         self.requests += requests
