@@ -100,7 +100,7 @@ ranked = sorted(results, key=lambda r: -r["row"]["gold"][0])
 labeler = cfg.labeler or ("rules" if cfg.rlaif_ckpts.strip() else "")
 if labeler:
     try:
-        feedback = load_model(cfg.labeler_dir or cfg.sft_dir, "sft", rt.device, flag="--labeler_dir")[:2] \
+        feedback = load_policy(cfg.labeler_dir or cfg.sft_dir, rt.device, flag="--labeler_dir")[:2] \
             if labeler == "lm" else (None, None)
         labeller = make_labeller(labeler, cfg.constitution, *feedback)
     except (CheckpointError, ConstitutionError) as e:
