@@ -18,6 +18,7 @@ python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler rules      
 python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler lm --labeler_dir out/sft
 """
 import argparse
+import os
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,9 @@ def parse_constitution(text, path="constitution"):
 
 
 def load_constitution(path=DEFAULT_CONSTITUTION):
+    """A relative path that is not under the working directory is read from the repository root."""
+    repo_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    path = repo_path if not os.path.exists(path) and os.path.exists(repo_path) else path
     try:
         with open(path, encoding="utf-8") as f:
             return parse_constitution(f.read(), path)
