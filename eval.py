@@ -3,6 +3,7 @@
 python eval.py                                       # out/sft, out/ppo, out/dpo and best-of-1, 4, 16 from out/sft
 python eval.py --ckpts out/ppo,out/study/ppo_length_kl0.01 --bon 16
 python eval.py --preset tiny --sft_dir /tmp/sft --rm_dir /tmp/rm --ckpts /tmp/ppo --bon 1,2
+python eval.py --ckpts out/ppo --rlaif_ckpts out/cai/ppo --labeler rules   # RLHF beside RLAIF (docs/constitution.md)
 
 Columns (mean ± standard error over prompts):
   gold      the gold judge (nanorlhf/judge.py), what people really want; no method ever sees it
@@ -14,6 +15,8 @@ Columns (mean ± standard error over prompts):
   rm-gold   share of pairs of the method's own responses that the RM orders as the gold judge does
   LM loss   held-out language-modelling loss on the validation stories SFT validated on (nats/token): its
             rise over SFT's is the alignment tax (best-of-n samples SFT: SFT's loss)
+With --rlaif_ckpts or --labeler: on each method's (response, SFT response) pairs, the AI labeller's agreement with
+gold, the simulated raters' on the same pairs, and the constitution's principles that disagree with gold most.
 Best-of-1 draws exactly the SFT samples (same seed): its row equals SFT's, a check of the set-up.
 Writes out_dir/results.json (every row, the settings, side-by-side samples) and results.md (the table).
 """
@@ -21,12 +24,16 @@ import json
 import os
 import textwrap
 
+import numpy as np
 import torch
 
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_policy
 from nanorlhf.config import EvalConfig, parse_config, print_config
+from nanorlhf.constitution import ConstitutionError, format_agreement, gold_agreement, make_labeller, \
+    raters_gold_agreement
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row, heldout_lm_loss
+from nanorlhf.raters import make_rater_pool
 from nanorlhf.runtime import setup_runtime
 
 WIDTH = 100  # console width of the side-by-side samples
@@ -62,7 +69,8 @@ results, skipped = [], []  # results: dicts of method, source, row, samples
 sft_row, sft_samples = evaluate_policy(reference, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws())
 sft_row["lm_loss"] = heldout_lm_loss(reference, enc, cfg.dataset, rt)
 results.append({"method": "sft", "source": cfg.sft_dir, "row": sft_row, "samples": sft_samples})
-for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
+split = lambda flag: [d.strip() for d in flag.split(",") if d.strip()]
+for ckpt_dir, rlaif in [(d, False) for d in split(cfg.ckpts)] + [(d, True) for d in split(cfg.rlaif_ckpts)]:
     if os.path.realpath(ckpt_dir) == os.path.realpath(cfg.sft_dir):
         continue  # the reference is evaluated above
     if not os.path.exists(ckpt_path(ckpt_dir)):
@@ -77,6 +85,7 @@ for ckpt_dir in [d.strip() for d in cfg.ckpts.split(",") if d.strip()]:
     stage = ckpt["stage"]
     name = os.path.basename(os.path.normpath(ckpt_dir))
     name = name if stage in name else f"{stage}:{name}"
+    name = f"rlaif-{name}" if rlaif else name
     if any(r["method"] == name for r in results):
         name = ckpt_dir
     row, samples = evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, same_draws(),
@@ -91,6 +100,35 @@ for n in [int(x) for x in cfg.bon.split(",") if x.strip()]:
     results.append({"method": f"best-of-{n}", "source": f"{cfg.sft_dir} x {n}", "row": row, "samples": samples})
     print(format_row(f"best-of-{n}", row), flush=True)
 ranked = sorted(results, key=lambda r: -r["row"]["gold"][0])
+
+# ---------------------------------------------------------------- the AI labeller against gold, on the same pairs
+labeler = cfg.labeler or ("rules" if cfg.rlaif_ckpts.strip() else "")
+if labeler:
+    try:
+        feedback = load_policy(cfg.labeler_dir or cfg.sft_dir, rt.device, flag="--labeler_dir")[:2] \
+            if labeler == "lm" else (None, None)
+        labeller = make_labeller(labeler, cfg.constitution, *feedback)
+    except (CheckpointError, ConstitutionError) as e:
+        raise SystemExit(str(e))
+    # the labeller's and the raters' draws come from their own generators: the rows above are unchanged
+    label_rng, rater_rng = np.random.default_rng(cfg.seed + 2), np.random.default_rng(cfg.seed + 3)
+    print(f"\n{labeler} labeller ({cfg.constitution}) vs gold on each method's (response, SFT response) pairs:")
+    for r in results[1:]:
+        s, ref = r["samples"], sft_samples
+        pairs = [(p, a, b, ae, be) for p, a, b, ae, be in zip(prompts, s["texts"], ref["texts"], s["ended"],
+                                                              ref["ended"]) if a != b]
+        if not pairs:
+            continue
+        p_first, principles = labeller.label(pairs, label_rng)
+        rows = [{"prompt": p, "chosen": a, "rejected": b, "chosen_ended": ae, "rejected_ended": be,
+                 "p_chosen": float(x), "principle": pr} for (p, a, b, ae, be), x, pr in zip(pairs, p_first, principles)]
+        overall, per = gold_agreement(rows)
+        r["row"].update(labeler_gold_acc=overall, raters_gold_acc=raters_gold_agreement(
+            rows, make_rater_pool(5, 0.02, 0.2), rater_rng), labeler_pairs=len(rows),
+            labeler_prefers_method=float(np.mean(p_first)),
+            principles_disagreeing=[[k, a, n] for k, (a, n) in per.items()][:3])
+        print(format_agreement(f"  {r['method']:<12} {len(rows)} pairs", overall, per) +
+              f" | raters {r['row']['raters_gold_acc']:.3f} | P(method better) {np.mean(p_first):.3f}")
 
 # ---------------------------------------------------------------- the table, the samples, the files
 print(f"\nranked by gold score on {len(prompts)} held-out prompts:")
@@ -151,6 +189,16 @@ md = ["# nanorlhf evaluation", "",
       *markdown_table(ranked), ""]
 if skipped:
     md += [f"Skipped (no checkpoint): {', '.join(skipped)}", ""]
+if labeler:
+    md += [f"The {labeler} labeller ({cfg.constitution}) against gold on each method's (response, SFT response) pairs "
+           f"(docs/constitution.md):", "",
+           "| method | pairs | labeller-gold agreement | simulated raters-gold | P(method better), labeller | "
+           "principles that disagree most |", "|" + "---|" * 6]
+    md += [f"| {r['method']} | {r['row']['labeler_pairs']} | {r['row']['labeler_gold_acc']:.3f} | "
+           f"{r['row']['raters_gold_acc']:.3f} | {r['row']['labeler_prefers_method']:.3f} | "
+           + ", ".join(f"{k} {a:.2f} ({n})" for k, a, n in r['row']['principles_disagreeing']) + " |"
+           for r in ranked if "labeler_gold_acc" in r["row"]]
+    md += [""]
 md += ["## Samples", ""]
 for sample in shown:
     md += [f"**Prompt:** {sample['prompt']}", ""]

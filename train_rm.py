@@ -4,6 +4,7 @@ python train_rm.py                       # simulated raters compare SFT samples 
 python train_rm.py --rater_bias length   # raters with a hidden taste for long responses
 python train_rm.py --prefs my.jsonl      # your own {"prompt", "chosen", "rejected"} rows
 python train_rm.py --policy_dir out/ppo --extra_prefs out/rm/prefs.jsonl   # iterated RLHF: a new round
+python train_rm.py --feedback constitution --labeler rules   # RLAIF: an AI labeller reads data/constitution.md
 
 Reads top to bottom: config -> SFT policy -> preference pairs -> reward model ->
 Bradley-Terry training -> normalisation on SFT samples -> report -> save.
@@ -16,7 +17,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
+from nanorlhf.checkpoint import CheckpointError, load_model, load_policy, load_resume, rng_state, save_checkpoint
+from nanorlhf.constitution import ConstitutionError, format_agreement, gold_agreement, label_pairs_ai, \
+    make_labeller, parse_clamp, raters_gold_agreement
 from nanorlhf.config import RMConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.judge import gold_score, gold_scores
@@ -27,7 +30,7 @@ from nanorlhf.model import ScalarGPT
 from nanorlhf.optim import backward, make_optimizer, optimizer_step, set_lr, warmup_lr
 from nanorlhf.prefs import PreferenceFileError, prefs_digest, read_prefs, split_by_prompt, write_prefs
 from nanorlhf.reward import bradley_terry_loss, encode_groups, group_rows, group_scores, normalised_scores, \
-    normaliser, ranked_right
+    normaliser, pair_targets, ranked_right, soft_bradley_terry_loss
 from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, next_path, restore, save_step, \
     setup_runtime, start_loop
 from nanorlhf.sampler import sample_responses
@@ -86,10 +89,34 @@ else:
     group = lambda xs: [xs[i * k:(i + 1) * k] for i in range(len(prompts))]
     raters = make_rater_pool(cfg.n_raters, cfg.rater_noise_low, cfg.rater_noise_high,
                              cfg.rater_bias or None, cfg.rater_bias_weight)
-    rows = label_pairs(prompts, group(texts), group(ended), raters, rng, k)
+    if cfg.feedback == "constitution":  # RLAIF: the AI labeller's soft labels, one principle drawn per pair
+        t1 = time.time()
+        try:
+            feedback_model = feedback_enc = None
+            if cfg.labeler == "lm":
+                feedback_model, feedback_enc = load_policy(cfg.labeler_dir or cfg.sft_dir, rt.device,
+                                                           flag="--labeler_dir")[:2]
+            labeller = make_labeller(cfg.labeler, cfg.constitution, feedback_model, feedback_enc,
+                                     cfg.label_swap, parse_clamp(cfg.label_clamp))
+        except (CheckpointError, ConstitutionError) as e:
+            raise SystemExit(str(e))
+        rows = label_pairs_ai(prompts, group(texts), group(ended), labeller, rng, k)
+        if rt.is_main:
+            print(f"{cfg.labeler} labeller on {len(rows)} pairs ({time.time() - t1:.1f} s): "
+                  f"mean P(chosen) {np.mean([r['p_chosen'] for r in rows]):.3f}")
+            print(format_agreement("  the labeller", *gold_agreement(rows)))
+            print(f"  the simulated raters on the same pairs: agreement with gold "
+                  f"{raters_gold_agreement(rows, raters, np.random.default_rng(cfg.seed + 1)):.3f}")
+    elif cfg.feedback != "raters":
+        raise SystemExit(f"--feedback must be raters or constitution, got {cfg.feedback!r}")
+    else:
+        rows = label_pairs(prompts, group(texts), group(ended), raters, rng, k)
     agreement = inter_rater_agreement(raters, [(r["prompt"], r["chosen"], r["rejected"], r["chosen_ended"],
                                                 r["rejected_ended"]) for r in rows], rng, n=min(len(rows), 500))
-    if rt.is_main:
+    if rt.is_main and cfg.feedback == "constitution":
+        print(f"sampled {len(texts)} {cfg.policy_dir or 'SFT'} responses ({np.mean(ended):.0%} ended) -> "
+              f"{len(rows)} pairs labelled under {cfg.constitution} by the {cfg.labeler} labeller")
+    elif rt.is_main:
         print(f"sampled {len(texts)} {cfg.policy_dir or 'SFT'} responses ({time.time() - t0:.1f} s, "
               f"{np.mean(ended):.0%} ended) -> {len(rows)} pairs from {len(raters)} raters "
               f"(noise {cfg.rater_noise_low}..{cfg.rater_noise_high}, bias {cfg.rater_bias or 'none'}) | "
@@ -111,10 +138,13 @@ if resume_ckpt is not None and resume_ckpt.get("prefs_digest") != digest:
 train_rows, val_rows, val_groups = split_by_prompt(  # a resumed run keeps the interrupted run's split
     rows, cfg.val_fraction, rng, set(resume_ckpt["val_groups"]) if resume_ckpt is not None else None)
 train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
+soft = any("p_chosen" in r for r in rows)  # soft labels (an AI labeller's): the soft Bradley-Terry loss
 if not train_rows or not val_rows:
     raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give "
                      f"{len(train_rows)} to train on and {len(val_rows)} to validate: label more prompts (--n_prompts), "
                      f"check --val_fraction, or sample more varied responses (identical responses make no pair)")
+if rt.is_main and soft:
+    print("soft labels (p_chosen): the Bradley-Terry loss takes them as its targets (reward.soft_bradley_terry_loss)")
 if rt.is_main:
     print(f"{len(train_rows)} train / {len(val_rows)} validation pairs "
           f"({len(train_batches)} / {len(val_batches)} prompts)")
@@ -145,9 +175,12 @@ def evaluate(eval_groups):
     model.eval()
     losses, hits = [], []
     for i in range(0, len(eval_groups), cfg.batch_size):
+        groups = eval_groups[i:i + cfg.batch_size]
         with rt.autocast():
-            r_c, r_r = group_scores(model, batch_of(eval_groups[i:i + cfg.batch_size]))
-        losses.append(float(bradley_terry_loss(r_c, r_r)) * len(r_c))
+            r_c, r_r = group_scores(model, batch_of(groups))
+        loss = soft_bradley_terry_loss(r_c, r_r, pair_targets(groups, rt.device)) if soft else \
+            bradley_terry_loss(r_c, r_r)
+        losses.append(float(loss) * len(r_c))
         hits += ranked_right(r_c, r_r).tolist()
     model.train()
     return sum(losses) / len(hits), float(np.mean(hits))
@@ -168,14 +201,17 @@ model.train()
 run = start_loop(cfg, rt, guard, step, resumed=resume_ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
 t_last = time.time()
 while step < total_steps:
-    batch = batch_of([train_batches[j] for j in epoch_batch(len(train_batches), cfg.batch_size, step, cfg.seed, rt)])
+    groups = [train_batches[j] for j in epoch_batch(len(train_batches), cfg.batch_size, step, cfg.seed, rt)]
+    batch = batch_of(groups)
     lr = warmup_lr(cfg.lr, step, total_steps)
     set_lr(optimizer, lr)
     weights = batch[-1]  # 1 / C(k, 2) per pair: each prompt counts once
     with rt.autocast():
         r_c, r_r = group_scores(model, batch)
     # the BT loss in fp32 (score reads fp32 values); this rank's weighted sum over the global weight sum
-    loss = bradley_terry_loss(r_c, r_r, weights) * weights.sum() / global_mean_denominator(weights.sum(), rt)
+    loss = soft_bradley_terry_loss(r_c, r_r, pair_targets(groups, rt.device), weights) if soft else \
+        bradley_terry_loss(r_c, r_r, weights)
+    loss = loss * weights.sum() / global_mean_denominator(weights.sum(), rt)
     backward(loss, rt)
     finite, grad_norm = optimizer_step(model, optimizer, rt, cfg.grad_clip)
     step += 1

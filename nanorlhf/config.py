@@ -149,6 +149,12 @@ class RMConfig(CommonConfig):
     rater_noise_high: float = arg(0.2, "the noisiest rater's noise")
     rater_bias: str = arg("", "\"\" | length | flowery | sycophancy: a hidden taste the raters share")
     rater_bias_weight: float = arg(0.2, "how strong that taste is (gold has std ~0.35 on the corpus's continuations)")
+    feedback: str = arg("raters", "raters | constitution: who labels the pairs (docs/constitution.md)")
+    labeler: str = arg("rules", "--feedback constitution: rules | lm, the feedback model")
+    labeler_dir: str = arg("", "--labeler lm: the checkpoint of the feedback model; empty = --sft_dir")
+    constitution: str = arg("data/constitution.md", "--feedback constitution: the principles")
+    label_clamp: str = arg("", "--feedback constitution: clamp soft labels to 'low,high', e.g. 0.4,0.6; empty = none")
+    label_swap: bool = arg(True, "--feedback constitution: average with the options swapped (cancels position bias)")
     val_fraction: float = arg(0.1, "share of prompts held out for validation")
     batch_size: int = arg(16, "prompts per step, each with all its pairs (k responses, one forward pass each)")
     epochs: int = arg(2, "passes over the pairs")
@@ -233,6 +239,11 @@ class EvalConfig(CommonConfig):
     n_prompts: int = arg(128, "held-out prompts (first sentences of validation stories) every method answers")
     n_samples: int = arg(3, "prompts whose responses from every method are shown side by side")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
+    rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated, shown as rlaif-*")
+    labeler: str = arg("", "rules | lm: measure this AI labeller against gold on each method's (response, SFT's) "
+                           "pairs; empty = rules when --rlaif_ckpts is given, else none")
+    labeler_dir: str = arg("", "--labeler lm: the feedback model's checkpoint; empty = --sft_dir")
+    constitution: str = arg("data/constitution.md", "the principles the labeller reads")
 
 
 @dataclass

@@ -17,6 +17,9 @@ Rules (reading is all-or-nothing: a broken file stops the run before it starts):
   * "weight", when present, is a number from 1e-6 to 1e6; it defaults to 1.0
   * "group", when present, is a non-negative integer shared by the rows of one ranking; either
     every row has one or none does (a row without one is its own group, numbered by its row)
+  * "p_chosen", when present, is a number from 0 to 1: a soft label, the labeller's probability that
+    "chosen" is the better one (train_rm.py --feedback constitution writes it; the Bradley-Terry loss
+    then takes it as its target); without it the label is hard (1)
   * other keys are kept as metadata
 """
 import hashlib
@@ -77,6 +80,10 @@ def _check_row(row):
             not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
         return (f"'weight' must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (only their ratios matter), "
                 f"got {weight!r}")
+    if "p_chosen" in row:
+        p = row["p_chosen"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0 <= p <= 1):
+            return f"'p_chosen' must be a number from 0 to 1 (the probability that chosen is better), got {p!r}"
     # train_rm.py and train_dpo.py sort groups beside the row indices that number ungrouped rows,
     # and --extra_prefs adds the new prompt count: a negative group would join a new prompt's
     group = row.get("group", 0)

@@ -24,6 +24,24 @@ def bradley_terry_loss(r_chosen, r_rejected, weights=None):
     # END ASSIGNMENT
 
 
+# soft targets p = P(chosen > rejected):  loss = -(p log sigmoid(d) + (1 - p) log sigmoid(-d)),  d = r_c - r_r
+def soft_bradley_terry_loss(r_chosen, r_rejected, targets, weights=None):
+    """The Bradley-Terry loss against soft labels (B,) in [0, 1] (Constitutional AI, Bai et al. 2022, trains
+    on the feedback model's probabilities): the cross-entropy of sigmoid(r_c - r_r) with the targets.
+    At targets 1 it is bradley_terry_loss; weights as there."""
+    d = r_chosen - r_rejected
+    losses = -(targets * F.logsigmoid(d) + (1 - targets) * F.logsigmoid(-d))
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum()
+
+
+def pair_targets(groups, device):
+    """The soft label of each pair of encode_groups' batch, in its order ("p_chosen", 1.0 when absent) (B,)."""
+    return torch.tensor([row.get("p_chosen", 1.0) for group in groups for row in group],
+                        dtype=torch.float32, device=device)
+
+
 def last_real_index(prompt_mask, response_mask):
     """Column of the last real token of left-padded prompt + right-padded response (B,):
     the last response token, or the last prompt column when the response is empty."""
