@@ -20,7 +20,7 @@ from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, lo
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
 from nanorlhf.distributed import all_reduce_mean, finish_ddp
-from nanorlhf.ensemble import Monitors, aggregate, load_ensemble, member_scores, warning_line
+from nanorlhf.ensemble import Monitors, aggregate, load_ensemble, member_scores, parse_thresholds
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
@@ -52,7 +52,8 @@ if cfg.reward_ensemble and len(members) == 1:
     raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train one "
                      f"with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
 # the monitors of reward hacking that read no gold (docs/ensembles.md); they print a warning, or stop the run
-monitors = Monitors(calibration, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience)
+monitors = Monitors(calibration, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience,
+                    parse_thresholds(cfg.monitor_thresholds))
 stopped = None  # --stop_on_monitor: the iteration whose policy was kept
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
 value_model = value_model_from(rm, rt.device)
@@ -145,7 +146,7 @@ for iteration in range(start, cfg.iterations):
                                       texts, lambda v: float(all_reduce_mean(torch.tensor(v, device=rt.device), rt)))
     metrics.update(values)
     for name in warned if rt.is_main else ():
-        print(warning_line(name, iteration + 1, values[name], cfg.monitor_patience), flush=True)
+        print(monitors.warning_line(name, iteration + 1, values[name]), flush=True)
     if cfg.stop_on_monitor and monitors.clear():
         good = (iteration, before)
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):

@@ -182,6 +182,8 @@ class PPOConfig(CommonConfig):
                                    "(train_rm.py --ensemble K; Coste et al. 2023)")
     ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
     monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
+    monitor_thresholds: str = arg("", "other thresholds than docs/ensembles.md's, e.g. disagreement_ratio=2,"
+                                      "length_ratio=1.3")
     stop_on_monitor: bool = arg(False, "stop at a monitor's warning: keep the last policy no monitor was past "
                                        "its threshold on, evaluate it, exit 0")
 

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -108,6 +109,9 @@ def load_ensemble(rm_dir, device, tokenizer_of=None, member0=None):
     if not os.path.exists(path):
         raise CheckpointError(f"{rm_dir} was trained as an ensemble of {k} but has no ensemble.pt (stopped before "
                               f"its members finished): {fix}")
+    if os.path.getmtime(path) < os.path.getmtime(ckpt_path(rm_dir)):
+        raise CheckpointError(f"{path} is older than {ckpt_path(rm_dir)}: member 0 was retrained after the "
+                              f"ensemble was made; {fix}")
     info = torch.load(path, map_location="cpu", weights_only=True)
     for m in range(1, k):
         model, _, member_ckpt = load_model(member_dir(rm_dir, m), "rm", device, tokenizer_of=tokenizer_of or ckpt,
@@ -203,8 +207,9 @@ class Monitors:
     threshold for `patience` iterations). The baseline is the RM's calibration; without one (an RM trained
     before calibrations were stored) the first observed iteration's samples are the baseline."""
 
-    def __init__(self, calibration, reward_ensemble, lam, patience):
+    def __init__(self, calibration, reward_ensemble, lam, patience, thresholds=None):
         self.cal, self.how, self.lam, self.patience = dict(calibration or {}), reward_ensemble, lam, patience
+        self.thresholds = {name: (thresholds or {}).get(name, t) for name, (t, _, _) in MONITORS.items()}
         if "scores" in self.cal:  # the range of the reward PPO optimises, on SFT samples
             cal_scores = self.cal["scores"]
             self.reward_range = self.reward(cal_scores)
@@ -229,9 +234,9 @@ class Monitors:
             values["frac_above_sft_q99"] = reduce(float((r > torch.quantile(self.reward_range, 0.99)).float().mean()))
             values["frac_above_sft_max"] = reduce(float((r > self.reward_range.max()).float().mean()))
         warnings = []
-        for name, (threshold, direction, _) in MONITORS.items():
+        for name, (_, direction, _) in MONITORS.items():
             self.series[name].append(values.get(name))
-            if name not in self.warned and first_warning(self.series[name], threshold, direction,
+            if name not in self.warned and first_warning(self.series[name], self.thresholds[name], direction,
                                                          self.patience) == len(self.series[name]) - 1:
                 self.warned[name] = iteration
                 warnings.append(name)
@@ -243,21 +248,34 @@ class Monitors:
 
     def clear(self):
         """No monitor is past its threshold now (the policy of this iteration is a good one to keep)."""
-        return all(not self.series[name] or self.series[name][-1] is None or not (
-            self.series[name][-1] > t if d == "above" else self.series[name][-1] < t)
-            for name, (t, d, _) in MONITORS.items())
+        return all(not self.series[name] or first_warning(self.series[name][-1:], self.thresholds[name], d, 1) is None
+                   for name, (_, d, _) in MONITORS.items())
+
+    def warning_line(self, name, iteration, value):
+        _, direction, what = MONITORS[name]
+        return (f"MONITOR WARNING at iteration {iteration}: {name} {value:.3f} has been {direction} "
+                f"{self.thresholds[name]:g} for {self.patience} iterations ({what}); the policy may be exploiting "
+                f"the reward model")
 
 
-def warning_line(name, iteration, value, patience):
-    threshold, direction, what = MONITORS[name]
-    return (f"MONITOR WARNING at iteration {iteration}: {name} {value:.3f} has been {direction} {threshold:g} for "
-            f"{patience} iterations ({what}); the policy may be exploiting the reward model")
+def parse_thresholds(text):
+    """--monitor_thresholds "name=value,..." -> {name: value}, or a SystemExit that names the monitors."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            if name.strip() not in MONITORS:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--monitor_thresholds: {item!r} is not name=number with a name among "
+                             f"{', '.join(MONITORS)}") from None
+    return out
 
 
 def finish_ensemble(cfg, config_dict, member0, norm_sampled, rt, tokenizer_of):
     """train_rm.py --ensemble K, after member 0 is saved: train members 1 .. K-1, load them all, and write
     ensemble.pt with their scores on member 0's normalisation samples. member0: (model, gain, bias)."""
-    import time
     t0 = time.time()
     train_members(cfg, config_dict)
     members = [member0] + [load_model(member_dir(cfg.out_dir, m), "rm", rt.device, tokenizer_of=tokenizer_of)
