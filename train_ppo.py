@@ -20,7 +20,7 @@ from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, lo
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
 from nanorlhf.distributed import all_reduce_mean, finish_ddp
-from nanorlhf.ensemble import Monitors, aggregate, load_ensemble, member_scores, parse_thresholds
+from nanorlhf.ensemble import aggregate, member_scores, ppo_monitors, snapshot
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
@@ -45,16 +45,10 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "ppo", policy.config)  # None without --resume
-    members, calibration = load_ensemble(cfg.rm_dir, rt.device, sft_ckpt, member0=(rm, rm_ckpt))  # [rm] alone
+    # the RM's ensemble members ([rm] alone) and the monitors of reward hacking that read no gold
+    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device)
 except CheckpointError as e:
     raise SystemExit(str(e))
-if cfg.reward_ensemble and len(members) == 1:
-    raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train one "
-                     f"with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
-# the monitors of reward hacking that read no gold (docs/ensembles.md); they print a warning, or stop the run
-monitors = Monitors(calibration, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience,
-                    parse_thresholds(cfg.monitor_thresholds))
-stopped = None  # --stop_on_monitor: the iteration whose policy was kept
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
 value_model = value_model_from(rm, rt.device)
 for frozen in (reference, rm):
@@ -100,9 +94,8 @@ def save(iteration):
 
 # ---------------------------------------------------------------- the PPO loop
 run = start_loop(cfg, rt, guard, start, resumed=ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
-# --stop_on_monitor: (updates, policy and value weights) of the last policy whose samples no monitor was past
-good = (start, [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in (policy, value_model)]) \
-    if cfg.stop_on_monitor else None
+good = (start, snapshot(policy, value_model)) if cfg.stop_on_monitor else None  # the last clear policy
+stopped = None  # --stop_on_monitor: the iteration whose policy was kept
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: a response for each prompt of this rank's slice of the batch
@@ -129,7 +122,7 @@ for iteration in range(start, cfg.iterations):
                                                        cfg.lam, rt)
     t2 = time.time()
     if cfg.stop_on_monitor:  # the weights that sampled this batch, kept if no monitor is past its threshold
-        before = [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in (policy, value_model)]
+        before = snapshot(policy, value_model)
     # 5. update: ppo_epochs passes of shuffled minibatches, clipped policy and value losses
     stats = ppo_update(policy_train, value_train, policy_opt, value_opt, batch, first_order, minibatch_size, cfg,
                        rt, generator, guard, iteration + 1)

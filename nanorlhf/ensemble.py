@@ -273,6 +273,23 @@ def parse_thresholds(text):
     return out
 
 
+def ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, device):
+    """train_ppo.py's ensemble members (a list of (model, gain, bias); [rm] for a lone RM) and its Monitors.
+    Raises CheckpointError for a broken ensemble, SystemExit for --reward_ensemble without one."""
+    members, cal = load_ensemble(cfg.rm_dir, device, sft_ckpt, member0=(rm, rm_ckpt))
+    if cfg.reward_ensemble and len(members) == 1:
+        raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train "
+                         f"one with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
+    aggregate(torch.zeros(2, 1), cfg.reward_ensemble or "mean")  # an unknown name stops here, not mid-run
+    return members, Monitors(cal, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience,
+                             parse_thresholds(cfg.monitor_thresholds))
+
+
+def snapshot(*nets):
+    """Copies of the nets' weights (--stop_on_monitor keeps the last policy no monitor was past)."""
+    return [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+
+
 def finish_ensemble(cfg, config_dict, member0, norm_sampled, rt, tokenizer_of):
     """train_rm.py --ensemble K, after member 0 is saved: train members 1 .. K-1, load them all, and write
     ensemble.pt with their scores on member 0's normalisation samples. member0: (model, gain, bias)."""

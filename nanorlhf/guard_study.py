@@ -46,7 +46,7 @@ def read_run(ppo_dir, patience, smooth):
         c["warnings"][name] = None if i is None else {
             "iteration": it[i], "after_gold_peak": it[i] - c["gold_peak"]["iteration"]}
     tail = slice(-min(smooth, len(gold)), None)  # the last window: where each run ended
-    c["final"] = {"gold": float(gold[tail].mean()), "sqrt_kl": float(np.mean(c["sqrt_kl"][tail])),
+    c["final"] = {"window": min(smooth, len(gold)), "gold": float(gold[tail].mean()), "sqrt_kl": float(np.mean(c["sqrt_kl"][tail])),
                   "reward": float(np.mean(c["reward"][tail]))}
     return c
 
@@ -55,7 +55,7 @@ def print_run(name, c):
     e = c["final_eval"] or {}
     warned = ", ".join(f"{k} at {w['iteration']} ({w['after_gold_peak']:+d})" for k, w in c["warnings"].items() if w)
     print(f"  {name:>9} | gold peak at iteration {c['gold_peak']['iteration']} (drop after it "
-          f"{c['gold_peak']['drop']:.3f}, z {c['gold_peak']['z']:.1f}) | last {c['gold_peak']['window']} iterations: "
+          f"{c['gold_peak']['drop']:.3f}, z {c['gold_peak']['z']:.1f}) | last {c['final']['window']} iterations: "
           f"gold {c['final']['gold']:.3f}, sqrt KL {c['final']['sqrt_kl']:.2f} | held-out gold "
           f"{e.get('eval_gold_ppo', float('nan')):.3f} (SFT {e.get('eval_gold_sft', float('nan')):.3f}) | "
           f"warned: {warned or 'none'}")
