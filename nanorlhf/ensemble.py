@@ -32,7 +32,7 @@ MONITORS = {
     "disagreement_ratio": (1.5, "above", "std of the members' scores on the policy's samples / on SFT samples"),
     "frac_above_sft_q99": (0.5, "above", "share of the policy's samples the RM scores above SFT samples' 99th "
                                          "percentile"),
-    "length_ratio": (1.5, "above", "mean response length (tokens) / SFT samples'"),
+    "length_ratio": (1.2, "above", "mean response length (tokens) / SFT samples'"),
     "distinct2_ratio": (0.9, "below", "mean per-response distinct-2 / SFT samples'"),
 }
 
@@ -143,7 +143,8 @@ def sampled_member_scores(members, batches, rt):
 
 def aggregate(scores, how, lam=1.0):
     """Conservative rewards from the members' scores (K, B) -> (B,) (Coste et al. 2023): "mean"; "mean_std", the
-    uncertainty-weighted mean - lam * std (std over members, ddof 0 as their equation); "min", the worst case."""
+    uncertainty-weighted mean - lam * std over the members (ddof 0; their UWO subtracts the variance, the std
+    keeps lam in reward units); "min", the worst case (their WCO)."""
     if how == "mean":
         return scores.mean(0)
     if how == "mean_std":
