@@ -20,7 +20,7 @@ from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, lo
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
 from nanorlhf.distributed import all_reduce_mean, finish_ddp
-from nanorlhf.ensemble import aggregate, member_scores, ppo_monitors, snapshot
+from nanorlhf.ensemble import ensemble_reward, ppo_monitors, snapshot
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
@@ -109,9 +109,7 @@ for iteration in range(start, cfg.iterations):
     t1 = time.time()
     # 2. score: the normalised RM reward at the last real token, a penalty where the response never ended
     scores, ended = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt)
-    all_scores = member_scores(members, batch, rt) if len(members) > 1 else scores[None]  # (K, B)
-    if cfg.reward_ensemble:  # a conservative reward from the ensemble (Coste et al. 2023); unended: the penalty
-        scores = torch.where(ended, aggregate(all_scores, cfg.reward_ensemble, cfg.ensemble_lambda), scores)
+    scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt)  # and each member's (K, B)
     # 3. old and reference logprobs and old values, in the order of the first PPO epoch's minibatches
     first_order = torch.randperm(per_rank, generator=generator, device=rt.device)
     batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"] = old_and_reference_logprobs(

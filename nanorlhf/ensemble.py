@@ -141,6 +141,18 @@ def sampled_member_scores(members, batches, rt):
     return torch.stack([normalised_scores(rm, gain, bias, batches, rt) for rm, gain, bias in members])
 
 
+def ensemble_reward(members, batch, scores, ended, cfg, rt):
+    """PPO's reward: scores (B,) from score_responses (member 0's, the no-EOS penalty where a response never
+    ended), unchanged unless cfg.reward_ensemble names a conservative reward; then that aggregate of the members'
+    scores where the response ended. -> the reward (B,) and the members' scores (K, B) (a lone RM: scores[None])."""
+    if len(members) == 1:
+        return scores, scores[None]
+    all_scores = member_scores(members, batch, rt)
+    if cfg.reward_ensemble:
+        scores = torch.where(ended, aggregate(all_scores, cfg.reward_ensemble, cfg.ensemble_lambda), scores)
+    return scores, all_scores
+
+
 def aggregate(scores, how, lam=1.0):
     """Conservative rewards from the members' scores (K, B) -> (B,) (Coste et al. 2023): "mean"; "mean_std", the
     uncertainty-weighted mean - lam * std over the members (ddof 0; their UWO subtracts the variance, the std

@@ -118,7 +118,8 @@ def plot_guard(report, cfg, path):
         ax_it.set_xlabel("PPO iteration")
         for ax in (ax_kl, ax_it):
             ax.set_ylabel("gold score of the rollouts")
-            ax.set_title(f"raters' bias: {bias}")
+            ax.set_title("no bias, adaptive beta (false alarms)" if bias == "unbiased_adaptive_beta"
+                         else f"raters' bias: {bias}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     save_figure(fig, path, f"RM ensemble of {cfg.ensemble}: conservative rewards and monitors, fixed beta "

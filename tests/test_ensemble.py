@@ -207,3 +207,30 @@ def test_guard_study_at_tiny(sft_dir, tmp_path):
         assert c["gold_peak"]["iteration"] in (1, 2)
     assert "false_alarms" in report["unbiased_adaptive_beta"]
     assert os.path.exists(os.path.join(out, "guard.png"))
+
+
+def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
+    from types import SimpleNamespace
+    from nanorlhf.ensemble import ensemble_reward
+    from nanorlhf.ppo_step import score_responses
+    from tests.conftest import left_padded, make_scalar_gpt
+    rt = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
+    members = [(make_scalar_gpt(seed=s), 1.0 + s, 0.1 * s) for s in range(3)]
+    prompt, prompt_mask = left_padded([3, 5, 2, 4], 23, seed=1)
+    response = torch.randint(0, 22, (4, 6), generator=torch.Generator().manual_seed(2))
+    response[:3, 3] = 22  # rows 0-2 end with the end token at column 3; row 3 never ends
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 3 + [[1] * 6])
+    batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask}
+    scores, ended = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt)
+    assert ended.tolist() == [True, True, True, False]
+    single, all_scores = ensemble_reward(members, batch, scores, ended,
+                                         SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+    assert torch.equal(single, scores) and all_scores.shape == (3, 4)
+    assert torch.allclose(all_scores[0], torch.where(ended, scores, all_scores[0]))  # member 0, gain 1, bias 0
+    for how in ("mean", "mean_std", "min"):
+        r, _ = ensemble_reward(members, batch, scores, ended, SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5),
+                               rt)
+        assert torch.allclose(r[:3], aggregate(all_scores, how, 0.5)[:3]) and float(r[3]) == -1.0
+    lone, lone_all = ensemble_reward(members[:1], batch, scores, ended,
+                                     SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+    assert torch.equal(lone, scores) and torch.equal(lone_all, scores[None])
