@@ -3,6 +3,7 @@
 python study.py overoptimization        # biased raters -> RM -> PPO with a weak KL penalty, and best-of-n
 python study.py beta_sweep              # PPO at several fixed KL coefficients: held-out gold and KL of each
 python study.py rounds --rounds 2       # iterated RLHF: fresh preferences on the current policy each round
+python study.py guard --rater_bias length   # RM ensembles: conservative rewards and gold-free monitors vs gold
 python study.py overoptimization --preset tiny --iterations 3 --rater_bias length   # seconds, for tests
 python study.py frontier --sft_dir out/sft --rm_dir out/rm   # every method's gold vs KL (nanorlhf/frontier.py)
 
@@ -30,6 +31,9 @@ reused, so a study can be rerun or extended; delete the folder to start over. Wr
   bon_samples.pt               the best-of-n SFT samples, reused while SFT and the settings stay
   beta_sweep.png/.json         per beta: held-out gold (± s.e.), KL, proxy reward, win rate vs SFT
   rounds.png/.json             per round, with and without new preferences: gold, KL, RM-vs-gold agreement
+  guard.png/.json              per PPO reward (one RM, ensemble mean, mean - lambda std, min): gold vs sqrt(KL),
+                               the gold peak and each monitor's warning; false alarms of an unbiased run
+                               (nanorlhf/guard_study.py, docs/ensembles.md)
 """
 import dataclasses
 import functools
@@ -41,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-from nanorlhf import studies
+from nanorlhf import guard_study, studies
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model
 from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
@@ -53,7 +57,7 @@ from nanorlhf.runtime import setup_runtime
 from nanorlhf.sampler import sample_responses
 from nanorlhf.studies import final_eval, plot_beta_sweep, plot_overoptimization, plot_rounds, save_json
 
-STUDIES = ("overoptimization", "beta_sweep", "rounds")
+STUDIES = ("overoptimization", "beta_sweep", "rounds", "guard")
 BIASES = ("none", "length", "flowery", "sycophancy")
 SMOOTH = 5  # iterations per window of the peak-and-fall test on the noisy per-iteration gold
 
@@ -283,4 +287,8 @@ def rounds():
     plot_rounds(report, segment, cfg.rounds, cfg.kl_coef, os.path.join(cfg.out_dir, "rounds.png"))
 
 
-{"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds}[study]()
+def guard():
+    guard_study.run(cfg, sft(), run_stage, biases, smooth=SMOOTH)
+
+
+{"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds, "guard": guard}[study]()

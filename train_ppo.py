@@ -20,15 +20,16 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
-from nanorlhf.distributed import finish_ddp
+from nanorlhf.distributed import all_reduce_mean, finish_ddp
+from nanorlhf.ensemble import ensemble_reward, ppo_monitors, snapshot
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController
 from nanorlhf.ppo_step import advantages, batch_sizes, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
     ppo_update, ptx_loss_of, rollout, score_responses, value_model_from
-from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
-    stop_if_diverged, train_missing_stages
+from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, save_step, setup_runtime, \
+    start_loop, stop_if_diverged, train_missing_stages
 from nanorlhf.sampler import make_decode_step
 
 cfg = parse_config(PPOConfig, "ppo", description=__doc__)
@@ -45,6 +46,8 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "ppo", policy.config)  # None without --resume
+    # the RM's ensemble members ([rm] alone) and the monitors of reward hacking that read no gold
+    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device)
 except CheckpointError as e:
     raise SystemExit(str(e))
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
@@ -93,6 +96,8 @@ def save(iteration):
 
 # ---------------------------------------------------------------- the PPO loop
 run = start_loop(cfg, rt, guard, start, resumed=ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
+good = (start, snapshot(policy, value_model)) if cfg.stop_on_monitor else None  # the last clear policy
+stopped = None  # --stop_on_monitor: the iteration whose policy was kept
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: a response for each prompt of this rank's slice of the batch
@@ -106,6 +111,7 @@ for iteration in range(start, cfg.iterations):
     t1 = time.time()
     # 2. score: the normalised RM reward at the last real token, a penalty where the response never ended
     scores, ended = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt)
+    scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt)  # and each member's (K, B)
     # 3. old and reference logprobs and old values, in the order of the first PPO epoch's minibatches
     first_order = torch.randperm(per_rank, generator=generator, device=rt.device)
     batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"] = old_and_reference_logprobs(
@@ -115,6 +121,8 @@ for iteration in range(start, cfg.iterations):
                                                        batch["old_values"], batch["mask"], kl_ctl.value, cfg.gamma,
                                                        cfg.lam, rt)
     t2 = time.time()
+    if cfg.stop_on_monitor:  # the weights that sampled this batch, kept if no monitor is past its threshold
+        before = snapshot(policy, value_model)
     # 5. update: ppo_epochs passes of shuffled minibatches, clipped policy and value losses (+ the ptx term)
     stats = ppo_update(policy_train, value_train, policy_opt, value_opt, batch, first_order, minibatch_size, cfg,
                        rt, generator, guard, iteration + 1, ptx_loss)
@@ -127,19 +135,35 @@ for iteration in range(start, cfg.iterations):
              for r, m in zip(batch["response"].cpu(), batch["mask"].cpu())]
     metrics, gold = iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, rt)
     metrics.update(t_rollout=t1 - t0, t_score=t2 - t1, t_learn=t3 - t2)
+    values, warned = monitors.observe(iteration + 1, all_scores, scores, batch["mask"].sum(1).float().cpu().numpy(),
+                                      texts, lambda v: float(all_reduce_mean(torch.tensor(v, device=rt.device), rt)))
+    metrics.update(values)
+    for name in warned if rt.is_main else ():
+        print(monitors.warning_line(name, iteration + 1, values[name]), flush=True)
+    if cfg.stop_on_monitor and monitors.clear():
+        good = (iteration, before)
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}
                        for p, t, s, g in list(zip(prompts, texts, scores.tolist(), gold))[:3]])
     last = iteration + 1 == cfg.iterations
     end_step(run, iteration + 1, metrics, save, log_due=(iteration + 1) % cfg.log_every == 0 or last,
              save_due=(iteration + 1) % cfg.save_every == 0 or last)
+    if cfg.stop_on_monitor and warned:  # keep the last policy no monitor was past its threshold on, and stop
+        stopped = good[0]
+        policy.load_state_dict(good[1][0]), value_model.load_state_dict(good[1][1])
+        save_step(run, save, stopped)
+        if rt.is_main:
+            print(f"stopped by --stop_on_monitor at iteration {iteration + 1}: {', '.join(warned)} warned; kept the "
+                  f"policy after {stopped} updates, the last one whose samples no monitor was past its threshold "
+                  f"on (saved {cfg.out_dir}/ckpt.pt; its optimizer states are the latest ones)", flush=True)
+        break
 end_loop(run)
 
 # ---------------------------------------------------------------- final evaluation on held-out prompts
 if rt.is_main:
     policy.eval()
     results = compare_to_reference("PPO", policy, reference, rm, gain, bias, enc, eval_prompts, cfg, rt)
-    run.log.log(cfg.iterations, **results,
+    run.log.log(cfg.iterations if stopped is None else stopped, **results,
                 # detail 9, checked on the real run: the reference is bit-identical to the SFT checkpoint
                 # it was loaded from, and no model has an active dropout
                 reference_unchanged=all(torch.equal(p, q) for p, q in zip(

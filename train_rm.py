@@ -24,6 +24,8 @@ from nanorlhf.config import RMConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.judge import gold_score, gold_scores
 from nanorlhf.raters import Rater, bias_bonus, gold_accuracy, inter_rater_agreement, label_pairs, make_rater_pool
+from nanorlhf.ensemble import bootstrap_groups, calibration, finish_ensemble, member_split, random_head, \
+    sample_lengths
 from nanorlhf.distributed import all_gather_lists, all_reduce_mean, epoch_batch, finish_ddp, global_mean_denominator
 from nanorlhf.metrics import plot_metrics, print_samples, spearman
 from nanorlhf.model import ScalarGPT
@@ -136,9 +138,11 @@ if resume_ckpt is not None and resume_ckpt.get("prefs_digest") != digest:
     raise SystemExit(f"--resume: the preference pairs in {cfg.prefs or prefs_path} are not the ones the checkpoint "
                      f"was trained on; restore them, or start a new run without --resume")
 train_rows, val_rows, val_groups = split_by_prompt(  # a resumed run keeps the interrupted run's split
-    rows, cfg.val_fraction, rng, set(resume_ckpt["val_groups"]) if resume_ckpt is not None else None)
+    rows, cfg.val_fraction, rng, set(resume_ckpt["val_groups"]) if resume_ckpt is not None else member_split(cfg))
 train_batches, val_batches = group_rows(train_rows), group_rows(val_rows)  # a prompt's pairs stay together
 soft = any("p_chosen" in r for r in rows)  # soft labels (an AI labeller's): the soft Bradley-Terry loss
+if cfg.bootstrap:  # an ensemble member's own resample of the training prompts (docs/ensembles.md)
+    train_batches = bootstrap_groups(train_batches, cfg.seed)
 if not train_rows or not val_rows:
     raise SystemExit(f"{len(rows)} preference pairs in {len(group_rows(rows))} prompt group(s) give "
                      f"{len(train_rows)} to train on and {len(val_rows)} to validate: label more prompts (--n_prompts), "
@@ -152,6 +156,8 @@ if rt.is_main:
 # ---------------------------------------------------------------- reward model, from the SFT weights
 model = ScalarGPT(policy.config).to(rt.device)  # fp32 master weights; autocast runs the matrix products
 model.gpt.load_state_dict(sft_state)
+if cfg.ensemble > 1 or cfg.member:  # an ensemble member: a head of its own seed (a lone RM's starts at 0)
+    random_head(model, cfg.seed)
 model.gpt.grad_checkpoint = cfg.grad_checkpoint
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt.device)
 steps_per_epoch = math.ceil(len(train_batches) / cfg.batch_size)
@@ -273,8 +279,12 @@ if rt.is_main:
     print_samples([{"prompt": example["prompt"], "response": f"[{key.upper()}] " + example[key], "reward": float(r),
                     "gold": gold_score(example["prompt"], example[key], example.get(f"{key}_ended", True))}
                    for key, r in (("chosen", r_c), ("rejected", r_r))])
-    save_step(run, lambda step: save(step, rng=train_rng, gain=gain, bias=bias, report=report), step)
+    save_step(run, lambda step: save(step, rng=train_rng, gain=gain, bias=bias, report=report,
+                                   calibration=calibration(normed[None], sample_lengths(norm_sampled),
+                                                           norm_sampled["texts"])), step)
     plot_metrics(run.log.path, [["acc", "val_acc"], ["loss", "val_loss"]], os.path.join(cfg.out_dir, "accuracy.png"),
                  "reward model: pairwise accuracy and Bradley-Terry loss")
     print(f"saved {cfg.out_dir}/ckpt.pt, prefs.jsonl, metrics.jsonl, accuracy.png")
+    if cfg.ensemble > 1:  # members 1..K-1 in child processes, then all on the same normalisation samples
+        finish_ensemble(cfg, asdict(cfg), (rm, gain, bias), norm_sampled, rt, sft_ckpt)
 finish_ddp()

@@ -163,6 +163,10 @@ class RMConfig(CommonConfig):
     grad_clip: float = arg(1.0, "clip the gradient norm at this")
     norm_samples: int = arg(256, "fresh SFT samples used to normalise the reward to mean 0, std 1")
     eval_samples: int = arg(512, "fresh SFT samples for the RM-vs-gold Spearman correlation")
+    ensemble: int = arg(1, "reward models to train, differing in seed and data order (3 is the usual ensemble); "
+                           "member 0 is out_dir/ckpt.pt, the others out_dir/member_<m> (docs/ensembles.md)")
+    bootstrap: bool = arg(False, "train on a bootstrap sample of the preference groups (each member its own)")
+    member: int = arg(0, "set by --ensemble for members 1..K-1: share member 0's split (in the parent folder)")
 
 
 @dataclass
@@ -190,8 +194,13 @@ class PPOConfig(CommonConfig):
     sample_every: int = arg(5, "print a table of samples every N iterations")
     save_every: int = arg(5, "checkpoint every N iterations")
     init_policy: str = arg("", "iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)")
-    ptx_coef: float = arg(0.0, "PPO-ptx (Ouyang et al. 2022): gamma x the LM loss on training stories, added to "
-                               "each PPO step's loss; 0 = off")
+    ptx_coef: float = arg(0.0, "PPO-ptx (Ouyang et al. 2022): + gamma x the LM loss on training stories; 0 = off")
+    reward_ensemble: str = arg("", "'' (member 0) | mean | mean_std | min of an RM ensemble (Coste et al. 2023)")
+    ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
+    monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
+    monitor_thresholds: str = arg("", "thresholds other than docs/ensembles.md's: disagreement_ratio=2,...")
+    stop_on_monitor: bool = arg(False, "at a monitor's warning keep the last policy no monitor flagged, evaluate it, exit 0")
+
 
 
 @dataclass
@@ -261,6 +270,8 @@ class StudyConfig(CommonConfig):
                             "from this many SFT samples per held-out prompt drawn once")
     bon_prompts: int = arg(64, "overoptimization: held-out prompts best-of-n answers")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
+    ensemble: int = arg(3, "guard: reward models in the ensemble (train_rm.py --ensemble)")
+    ensemble_lambda: float = arg(1.0, "guard: lambda of the mean - lambda * std reward")
 
 
 @dataclass

@@ -36,6 +36,10 @@ def finished(out_dir, flags):
         return False  # stopped before its final evaluation
     if ckpt["stage"] == "rm" and "gain" not in ckpt:
         return False  # stopped before its normalisation
+    if ckpt["stage"] == "rm" and int(ckpt["config"].get("ensemble", 1)) > 1 and \
+            not (os.path.exists(os.path.join(out_dir, "ensemble.pt"))
+                 and os.path.getmtime(os.path.join(out_dir, "ensemble.pt")) >= os.path.getmtime(ckpt_path(out_dir))):
+        return False  # an ensemble whose members did not all finish
     made = os.path.getmtime(ckpt_path(out_dir))
     upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
     upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []

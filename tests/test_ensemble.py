@@ -1,0 +1,236 @@
+"""Reward-model ensembles (issue 22): conservative rewards against loops, the monitors' threshold logic on
+hand-made series, and tiny-preset subprocess runs of train_rm.py --ensemble, train_ppo.py with an ensemble
+reward, --stop_on_monitor, and study.py guard."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nanorlhf.checkpoint import load_checkpoint
+from nanorlhf.ensemble import MONITORS, Monitors, aggregate, bootstrap_groups, disagreement, distinct2, \
+    first_warning, load_ensemble, parse_thresholds
+from tests.test_smoke import check_ok, run
+
+
+# ---------------------------------------------------------------- conservative rewards against loops
+def test_conservative_rewards_match_loops():
+    scores = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    lam = 0.7
+    for b in range(7):
+        xs = [float(scores[k, b]) for k in range(3)]
+        mean = sum(xs) / 3
+        std = (sum((x - mean) ** 2 for x in xs) / 3) ** 0.5  # over the members, ddof 0 (Coste et al.)
+        assert float(aggregate(scores, "mean")[b]) == pytest.approx(mean, abs=1e-6)
+        assert float(aggregate(scores, "mean_std", lam)[b]) == pytest.approx(mean - lam * std, abs=1e-6)
+        assert float(aggregate(scores, "min")[b]) == pytest.approx(min(xs), abs=1e-6)
+    stds = []
+    for b in range(7):
+        m = float(scores[:, b].mean())
+        stds.append((sum((float(scores[k, b]) - m) ** 2 for k in range(3)) / 3) ** 0.5)
+    assert float(disagreement(scores)) == pytest.approx(sum(stds) / 7, abs=1e-6)
+    with pytest.raises(ValueError, match="mean, mean_std, min"):
+        aggregate(scores, "median")
+
+
+def test_distinct2_and_bootstrap():
+    assert distinct2("a b a b a b") == pytest.approx(2 / 5)  # bigrams ab ba ab ba ab: 2 distinct of 5
+    assert distinct2("one") == 1.0 and distinct2("the cat sat") == 1.0
+    groups = [[i] for i in range(50)]
+    a, b = bootstrap_groups(groups, 0), bootstrap_groups(groups, 1000)
+    assert len(a) == 50 and a != b and len({g[0] for g in a}) < 50  # with replacement: some drawn twice
+
+
+# ---------------------------------------------------------------- the monitors' threshold logic
+def test_first_warning_after_patience_consecutive_values():
+    series = [1.0, 1.6, 1.2, 1.6, 1.7, 1.8, 1.9]  # past 1.5 at 1, then 3, 4, 5 in a row
+    assert first_warning(series, 1.5, "above", 3) == 5  # the third in a row, not before
+    assert first_warning(series, 1.5, "above", 1) == 1
+    assert first_warning(series, 1.5, "above", 5) is None
+    assert first_warning([1.0] * 20, 1.5, "above", 3) is None  # flat: never
+    assert first_warning([1.0, 0.8, 0.7, 0.95, 0.6, 0.5], 0.9, "below", 2) == 2
+    assert first_warning([2.0, None, 2.0, 2.0, float("nan"), 2.0], 1.5, "above", 3) is None  # gaps break a streak
+
+
+def test_monitors_warn_once_at_the_right_iteration():
+    cal = {"scores": torch.tensor([[0.0, 0.1, -0.1, 0.2], [0.1, -0.1, 0.0, 0.3]]), "length": 10.0, "distinct2": 1.0}
+    mon = Monitors(cal, "mean", 1.0, patience=2)
+    base = float(disagreement(cal["scores"]))
+    warned_at = {}
+    for it in range(1, 8):
+        spread = 1.0 if it < 4 else 3.0  # disagreement jumps to 3x its SFT value from iteration 4
+        scores = torch.tensor([[0.0, 0.1], [0.0 + spread * 0.1, 0.1 - spread * 0.1]])
+        values, warned = mon.observe(it, scores, scores.mean(0), np.array([10.0, 10.0]), ["a b c", "d e f"])
+        for name in warned:
+            assert name not in warned_at  # once each
+            warned_at[name] = it
+        if it == 1:
+            assert values["length_ratio"] == 1.0 and values["distinct2_ratio"] == 1.0
+            assert values["disagreement_ratio"] == pytest.approx(float(disagreement(scores)) / base)
+    assert warned_at == {"disagreement_ratio": 5}  # past 1.5 at iterations 4 and 5: patience 2
+    assert not mon.clear()
+    quiet = Monitors(cal, "", 1.0, patience=2)
+    for it in range(1, 10):  # a flat series: no warning
+        _, warned = quiet.observe(it, cal["scores"][:1, :2], cal["scores"][0, :2], np.array([10.0, 11.0]),
+                                  ["a b c", "d e f"])
+        assert warned == []
+    assert quiet.clear()
+
+
+def test_threshold_flag_is_parsed_and_checked():
+    assert parse_thresholds("disagreement_ratio=2, length_ratio=1.3") == {"disagreement_ratio": 2.0,
+                                                                          "length_ratio": 1.3}
+    assert parse_thresholds("") == {}
+    with pytest.raises(SystemExit, match="disagreement_ratio"):
+        parse_thresholds("disagreement=2")
+    assert set(MONITORS) == {"disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"}
+
+
+# ---------------------------------------------------------------- tiny-preset runs
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    check_ok(run("train_sft.py", "--preset", "tiny", "--out_dir", out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(sft_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("rm_ens"))
+    result = run("train_rm.py", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--ensemble", "2",
+                 timeout=600)
+    check_ok(result)
+    assert "ensemble of 2 reward models" in result.stdout
+    return out
+
+
+def test_ensemble_members_differ_and_share_the_pairs(ensemble_dir):
+    m0, m1 = load_checkpoint(ensemble_dir, "rm"), load_checkpoint(os.path.join(ensemble_dir, "member_1"), "rm")
+    assert m0["config"]["seed"] != m1["config"]["seed"]
+    assert m0["prefs_digest"] == m1["prefs_digest"] and m0["val_groups"] == m1["val_groups"]
+    assert not torch.equal(m0["model"]["head.weight"], m1["model"]["head.weight"])
+    assert any(not torch.equal(m0["model"][k], m1["model"][k]) for k in m0["model"] if k.startswith("gpt."))
+    members, cal = load_ensemble(ensemble_dir, "cpu")
+    assert len(members) == 2 and cal["scores"].shape == (2, m0["config"]["norm_samples"])
+    assert not torch.allclose(cal["scores"][0], cal["scores"][1])  # different scores of the same samples
+    # member 0's scores there are its own normalisation samples: mean 0, std 1
+    assert float(cal["scores"][0].mean()) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_an_ensemble_with_a_missing_member_is_refused(ensemble_dir, tmp_path):
+    broken = str(tmp_path / "rm")
+    shutil.copytree(ensemble_dir, broken)
+    shutil.rmtree(os.path.join(broken, "member_1"))
+    from nanorlhf.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="member_1"):
+        load_ensemble(broken, "cpu")
+
+
+def ppo_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_ppo_with_an_ensemble_reward_logs_the_monitors(sft_dir, ensemble_dir, tmp_path):
+    out = str(tmp_path / "ppo")
+    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir, "--out_dir", out,
+                 "--reward_ensemble", "mean_std", "--ensemble_lambda", "0.5", timeout=600)
+    check_ok(result)
+    steps = [r for r in ppo_metrics(out) if "gold" in r]
+    assert len(steps) == 2
+    for r in steps:
+        for key in ("disagreement", "disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"):
+            assert np.isfinite(r[key]), key
+    assert any("eval_gold_ppo" in r for r in ppo_metrics(out))
+
+
+def test_one_rm_ppo_is_unchanged_by_the_ensemble_beside_it(sft_dir, ensemble_dir, tmp_path):
+    """PPO on member 0 alone (a copy of it with ensemble 1) and PPO on the ensemble folder without
+    --reward_ensemble log the same training numbers: scoring the other members draws no random numbers."""
+    lone = str(tmp_path / "lone")
+    os.makedirs(lone)
+    ckpt = torch.load(os.path.join(ensemble_dir, "ckpt.pt"), weights_only=True)
+    ckpt["config"]["ensemble"] = 1
+    torch.save(ckpt, os.path.join(lone, "ckpt.pt"))
+    logs = []
+    for name, rm_dir in (("a", lone), ("b", ensemble_dir)):
+        check_ok(run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", rm_dir, "--out_dir",
+                     str(tmp_path / name), timeout=600))
+        logs.append([r for r in ppo_metrics(str(tmp_path / name)) if "gold" in r])
+    for a, b in zip(*logs):
+        for key in ("reward", "gold", "kl", "entropy", "value_loss", "approx_kl", "length_ratio"):
+            assert a[key] == b[key], key
+    assert "disagreement" in logs[1][0] and "disagreement" not in logs[0][0]
+
+
+def test_ppo_refuses_an_ensemble_reward_without_an_ensemble(sft_dir, ensemble_dir, tmp_path):
+    lone = str(tmp_path / "lone")
+    os.makedirs(lone)
+    ckpt = torch.load(os.path.join(ensemble_dir, "ckpt.pt"), weights_only=True)
+    ckpt["config"]["ensemble"] = 1
+    torch.save(ckpt, os.path.join(lone, "ckpt.pt"))
+    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", lone, "--out_dir",
+                 str(tmp_path / "p"), "--reward_ensemble", "min")
+    assert result.returncode != 0 and "train_rm.py --ensemble" in result.stderr
+
+
+def test_stop_on_monitor_keeps_the_last_clear_policy_and_exits_0(sft_dir, ensemble_dir, tmp_path):
+    out = str(tmp_path / "ppo")
+    # distinct-2 can never fall below a ratio of 2 ... it is always "past": the second iteration warns, and
+    # no iteration was clear, so the policy kept is the one before any update: SFT's weights
+    result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir, "--out_dir", out,
+                 "--iterations", "4", "--stop_on_monitor", "true", "--monitor_patience", "2",
+                 "--monitor_thresholds", "distinct2_ratio=2", timeout=600)
+    check_ok(result)
+    assert "MONITOR WARNING at iteration 2: distinct2_ratio" in result.stdout
+    assert "stopped by --stop_on_monitor at iteration 2" in result.stdout
+    steps = [r["step"] for r in ppo_metrics(out) if "gold" in r]
+    assert steps == [1, 2]
+    ckpt, sft = load_checkpoint(out, "ppo"), load_checkpoint(sft_dir, "sft")
+    assert ckpt["step"] == 0
+    assert all(torch.equal(ckpt["model"][k], sft["model"][k]) for k in sft["model"])
+    assert any("eval_gold_ppo" in r for r in ppo_metrics(out))
+
+
+def test_guard_study_at_tiny(sft_dir, tmp_path):
+    out = str(tmp_path / "study")
+    result = run("study.py", "guard", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--rater_bias",
+                 "length", "--iterations", "2", "--ensemble", "2", "--eval_prompts", "4", timeout=1200)
+    check_ok(result)
+    with open(os.path.join(out, "guard.json")) as f:
+        report = json.load(f)["report"]
+    assert set(report["length"]) == {"single", "mean", "mean_std", "min"}
+    for c in list(report["length"].values()) + [report["unbiased_adaptive_beta"]]:
+        assert c["iteration"] == [1, 2] and len(c["sqrt_kl"]) == 2 and set(c["warnings"]) == set(MONITORS)
+        assert c["gold_peak"]["iteration"] in (1, 2)
+    assert "false_alarms" in report["unbiased_adaptive_beta"]
+    assert os.path.exists(os.path.join(out, "guard.png"))
+
+
+def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
+    from types import SimpleNamespace
+    from nanorlhf.ensemble import ensemble_reward
+    from nanorlhf.ppo_step import score_responses
+    from tests.conftest import left_padded, make_scalar_gpt
+    rt = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
+    members = [(make_scalar_gpt(seed=s), 1.0 + s, 0.1 * s) for s in range(3)]
+    prompt, prompt_mask = left_padded([3, 5, 2, 4], 23, seed=1)
+    response = torch.randint(0, 22, (4, 6), generator=torch.Generator().manual_seed(2))
+    response[:3, 3] = 22  # rows 0-2 end with the end token at column 3; row 3 never ends
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 3 + [[1] * 6])
+    batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask}
+    scores, ended = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt)
+    assert ended.tolist() == [True, True, True, False]
+    single, all_scores = ensemble_reward(members, batch, scores, ended,
+                                         SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+    assert torch.equal(single, scores) and all_scores.shape == (3, 4)
+    assert torch.allclose(all_scores[0], torch.where(ended, scores, all_scores[0]))  # member 0, gain 1, bias 0
+    for how in ("mean", "mean_std", "min"):
+        r, _ = ensemble_reward(members, batch, scores, ended, SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5),
+                               rt)
+        assert torch.allclose(r[:3], aggregate(all_scores, how, 0.5)[:3]) and float(r[3]) == -1.0
+    lone, lone_all = ensemble_reward(members[:1], batch, scores, ended,
+                                     SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+    assert torch.equal(lone, scores) and torch.equal(lone_all, scores[None])
