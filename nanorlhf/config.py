@@ -163,8 +163,7 @@ class RMConfig(CommonConfig):
     grad_clip: float = arg(1.0, "clip the gradient norm at this")
     norm_samples: int = arg(256, "fresh SFT samples used to normalise the reward to mean 0, std 1")
     eval_samples: int = arg(512, "fresh SFT samples for the RM-vs-gold Spearman correlation")
-    ensemble: int = arg(1, "reward models to train, differing in seed and data order (3 is the usual ensemble); "
-                           "member 0 is out_dir/ckpt.pt, the others out_dir/member_<m> (docs/ensembles.md)")
+    ensemble: int = arg(1, "reward models differing in seed and data order, in out_dir (docs/ensembles.md; 3 is usual)")
     bootstrap: bool = arg(False, "train on a bootstrap sample of the preference groups (each member its own)")
     member: int = arg(0, "set by --ensemble for members 1..K-1: share member 0's split (in the parent folder)")
 
@@ -199,7 +198,7 @@ class PPOConfig(CommonConfig):
     ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
     monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
     monitor_thresholds: str = arg("", "thresholds other than docs/ensembles.md's: disagreement_ratio=2,...")
-    stop_on_monitor: bool = arg(False, "at a monitor's warning keep the last policy no monitor flagged, evaluate it, exit 0")
+    stop_on_monitor: bool = arg(False, "at a monitor's warning: keep the last unflagged policy, evaluate it, exit 0")
 
 
 
@@ -248,7 +247,7 @@ class EvalConfig(CommonConfig):
     n_prompts: int = arg(128, "held-out prompts (first sentences of validation stories) every method answers")
     n_samples: int = arg(3, "prompts whose responses from every method are shown side by side")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
-    rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated, shown as rlaif-*")
+    rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated")
     labeler: str = arg("", "rules | lm: measure this AI labeller against gold on each method's (response, SFT's) "
                            "pairs; empty = rules when --rlaif_ckpts is given, else none")
     labeler_dir: str = arg("", "--labeler lm: the feedback model's checkpoint; empty = --sft_dir")
