@@ -96,8 +96,7 @@ def save(iteration):
 
 # ---------------------------------------------------------------- the PPO loop
 run = start_loop(cfg, rt, guard, start, resumed=ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
-good = (start, snapshot(policy, value_model)) if cfg.stop_on_monitor else None  # the last clear policy
-stopped = None  # --stop_on_monitor: the iteration whose policy was kept
+good, stopped = (start, snapshot(policy, value_model)) if cfg.stop_on_monitor else None, None  # last clear policy
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: a response for each prompt of this rank's slice of the batch
