@@ -278,7 +278,7 @@ def test_ppo_track_runs_train_ppo_once_its_pieces_are_written(tmp_path):
     assert os.path.isfile(out / "ppo" / "ckpt.pt") and os.path.isfile(out / "ppo" / "metrics.jsonl")
 
 
-def test_pg_track_blanks_the_critic_free_pieces_and_train_pg_stops_with_one_line(tmp_path):
+def test_pg_track_runs_train_pg_once_its_pieces_are_written(tmp_path):
     copy_dir = str(tmp_path / "pg-student")
     assignments.make(copy_dir, track="pg")
     for path, name in ((p, n) for n, p in WHERE.items()):
@@ -293,6 +293,12 @@ def test_pg_track_blanks_the_critic_free_pieces_and_train_pg_stops_with_one_line
         f"{assignments.section('group_advantages')}, then python -m nanorlhf.assignments check group_advantages"], \
         result.stderr[-3000:]
     assert not out.exists()
+    put_back(copy_dir, "group_advantages")  # the three written: GRPO runs on them (tiny SFT and RM first)
+    result = run(["train_pg.py", "--preset", "tiny", "--algo", "grpo", "--iterations", "2", "--eval_prompts", "8",
+                  "--sft_dir", str(out / "sft"), "--rm_dir", str(out / "rm"), "--out_dir", str(out / "pg")],
+                 copy_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(out / "pg" / "ckpt.pt") and os.path.isfile(out / "pg" / "metrics.jsonl")
 
 
 def test_mutation_check_every_wrong_answer_is_caught_by_its_named_test():
