@@ -8,7 +8,7 @@ and has its own tests in tests/assignments/test_<name>.py. docs/assignments.md s
 for each one, what to read first, the equation and the bugs its tests catch.
 
 python -m nanorlhf.assignments make OUTDIR [NAME...]      # a student copy: each region (all, or the NAMEs)
-python -m nanorlhf.assignments make OUTDIR --track ppo    # ... or one stage's pieces (model, rm, ppo, dpo)
+python -m nanorlhf.assignments make OUTDIR --track ppo    # ... or one stage's pieces (model, rm, ppo, dpo, pg)
 python -m nanorlhf.assignments check [NAME...]            # run the assignments' tests, print the points
 python -m nanorlhf.assignments check --hint NAME          # one more hint tier each call (--tier K: up to K)
 python -m nanorlhf.assignments mutants [NAME...]          # instructor: every known wrong answer is caught
@@ -37,13 +37,15 @@ COPY_INFO = ".assignments.json"  # in a student copy: the assignments make blank
 # Tracks: the pieces a script needs, so a student can run one stage on their own code at once.
 TRACKS = {
     "model": ["attention_kv_cache", "generate"],
-    "rm": ["bradley_terry_loss", "reward_readout"],
+    "rm": ["bradley_terry_loss", "reward_readout", "soft_bradley_terry_loss"],
     "ppo": ["kl_penalty_rewards", "compute_gae", "masked_whiten", "policy_loss", "value_loss", "adaptive_kl"],
     "dpo": ["dpo_loss"],
+    "pg": ["kl_k3", "leave_one_out_baseline", "group_advantages"],
 }
 # the pieces each script runs (by its config class), checked before it writes anything (runtime.setup_runtime)
 NEEDS = {"SFTConfig": TRACKS["model"], "RMConfig": TRACKS["model"] + TRACKS["rm"],
          "PPOConfig": TRACKS["model"] + TRACKS["rm"] + TRACKS["ppo"], "DPOConfig": TRACKS["model"] + TRACKS["dpo"],
+         "PGConfig": TRACKS["model"] + TRACKS["rm"] + TRACKS["pg"],
          "EvalConfig": TRACKS["model"] + TRACKS["rm"], "StudyConfig": list(HINTS)}
 
 # A region: its marker lines and everything between them. The raise that replaces it keeps the
@@ -54,6 +56,7 @@ REGION = re.compile(r"^( *)# BEGIN ASSIGNMENT (\w+)\n.*?^ *# END ASSIGNMENT\n", 
 # repository root), and folders of these names anywhere.
 # The instructor's files (the mutants, the reference answers) never reach a student copy either.
 EXCLUDE_PATHS = {"out", "data/cache", ".whl", "tests/test_assignments.py", "nanorlhf/mutants.py",
+                 "nanorlhf/mutants_new.py",
                  "docs/instructor.md", HINT_STATE, COPY_INFO}
 EXCLUDE_NAMES = {".git", "__pycache__", ".pytest_cache"}
 

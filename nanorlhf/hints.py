@@ -33,6 +33,14 @@ HINTS = {
         "prompt column.",
         "P + last_token_index(response_mask), or P - 1 when the response is empty.",
     ],
+    "soft_bradley_terry_loss": [
+        "Constitutional AI (Bai et al. 2022) labels a pair with a probability p that chosen is better: the loss is "
+        "the cross-entropy of sigmoid(r_chosen - r_rejected) with p (at p = 1 it is bradley_terry_loss).",
+        "p weighs log sigmoid(d), 1 - p weighs log sigmoid(-d) (not the other way round); use the stable "
+        "log-sigmoid for both; weights give a weighted mean (divide by their sum).",
+        "d = r_chosen - r_rejected; losses = -(p * logsigmoid(d) + (1 - p) * logsigmoid(-d)); their mean, or "
+        "sum(losses * weights) / sum(weights).",
+    ],
     "kl_penalty_rewards": [
         "Ziegler et al. 2019, Eq. 2: every real token pays beta times its log-ratio to the reference; the "
         "reward model's score comes once, at the end.",
@@ -80,5 +88,28 @@ HINTS = {
         "beta multiplies both sides; chosen minus rejected; the returned rewards carry no gradient.",
         "losses = -logsigmoid(beta * ((pc - rc) - (pr - rr))); chosen/rejected rewards = beta * (policy - ref) "
         "logps, detached.",
+    ],
+    "kl_k3": [
+        "Schulman 2020, 'Approximating KL Divergence': k3 = (r - 1) - log r with r = p_ref(y) / pi(y), "
+        "an unbiased, never negative estimate of KL(pi || p_ref) from one sample y ~ pi.",
+        "The log-ratio is ref minus policy (log r = ref_logprobs - logprobs), not the other way round; k3 is 0 "
+        "where they agree; r - 1 for r near 1 is exact with torch.expm1; keep the gradient.",
+        "log_r = ref_logprobs - logprobs; return expm1(log_r) - log_r.",
+    ],
+    "leave_one_out_baseline": [
+        "RLOO (Ahmadian et al. 2024, Eq. 7): each sample's baseline is the mean reward of the OTHER members of "
+        "its group, so it does not depend on the sample's own reward.",
+        "Count only the valid members (ragged groups; invalid slots may hold inf or nan: never read them, use "
+        "torch.where, not a product with valid); a group of one has baseline 0; the result is 0 where not valid.",
+        "zero the invalid rewards; n = valid count per row; b_i = (sum_j r_j - r_i) / max(n - 1, 1); "
+        "times valid.",
+    ],
+    "group_advantages": [
+        "GRPO (Shao et al. 2024, Sec. 4.1.2): A_i = (r_i - mean) / (std + eps) within each prompt's group; "
+        "Dr. GRPO (Liu et al. 2025, scale_by_std=False) keeps r_i - mean only.",
+        "Mean and std over the valid members only (invalid slots may hold inf or nan: never read them); the std "
+        "with Bessel's correction (n - 1); eps added to the std, outside the root; 0 where not valid.",
+        "zero the invalid rewards; mean = sum / n; c = (r - mean) * valid; if scale_by_std: "
+        "std = sqrt(sum(c^2) / max(n - 1, 1)), c = c / (std + eps); return c.",
     ],
 }

@@ -18,6 +18,7 @@ import types
 from dataclasses import dataclass
 
 from nanorlhf.assignments import HINTS, REPO, find_regions
+from nanorlhf.mutants_new import NEW_ACCEPTED, NEW_MUTANTS, NEW_TARGETS  # the pg pieces' and soft BT's
 
 # assignment -> (module, qualified name of the function whose body the region is)
 TARGETS = {
@@ -31,8 +32,7 @@ TARGETS = {
     "policy_loss": ("nanorlhf.ppo", "policy_loss"),
     "value_loss": ("nanorlhf.ppo", "value_loss"),
     "adaptive_kl": ("nanorlhf.ppo", "AdaptiveKLController.update"),
-    "dpo_loss": ("nanorlhf.dpo", "dpo_loss"),
-}
+    "dpo_loss": ("nanorlhf.dpo", "dpo_loss"), **NEW_TARGETS}
 
 
 @dataclass
@@ -226,7 +226,7 @@ MUTANTS = [  # each caught by its named test
     mutant("dpo_loss", "test_dpo_loss_large_margins_stay_finite", "log(sigmoid(x)), which overflows",
            ("-F.logsigmoid(beta * (chosen_logratios - rejected_logratios))",
             "-(beta * (chosen_logratios - rejected_logratios)).sigmoid().log()")),
-]
+] + [mutant(*m) for m in NEW_MUTANTS]
 
 # Right answers written another way: every test must pass with them.
 ACCEPTED = [
@@ -243,7 +243,7 @@ ACCEPTED = [
     mutant("value_loss", "", "clamp written as min/max around V_old",
            ("old_values + torch.clamp(values - old_values, -clip, clip)",
             "torch.minimum(torch.maximum(values, old_values - clip), old_values + clip)")),
-]
+] + [mutant(*m) for m in NEW_ACCEPTED]
 
 
 def resolve(obj, qualname):

@@ -25,6 +25,7 @@ from nanorlhf.ppo import masked_mean
 #   k1 = -log r                  unbiased, high variance, negative on some samples
 #   k2 = (log r)^2 / 2           biased (exact to second order when p ~ q), low variance, >= 0
 #   k3 = (r - 1) - log r         unbiased (E_q[r] = 1), low variance, >= 0 on every sample
+# (GRPO's KL term, Shao et al. 2024, Eq. 4; torch.expm1 keeps r - 1 exact for r near 1)
 def kl_k1(logprobs, ref_logprobs):
     return logprobs - ref_logprobs
 
@@ -34,8 +35,10 @@ def kl_k2(logprobs, ref_logprobs):
 
 
 def kl_k3(logprobs, ref_logprobs):
+    # BEGIN ASSIGNMENT kl_k3
     log_ratio = ref_logprobs - logprobs
     return torch.expm1(log_ratio) - log_ratio
+    # END ASSIGNMENT
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
@@ -60,9 +63,11 @@ def _group_sums(rewards, valid):
 # member: its baseline is 0 (plain REINFORCE).
 def leave_one_out_baseline(rewards, valid):
     """rewards, valid (G, k) -> baselines (G, k), 0 where not valid."""
+    # BEGIN ASSIGNMENT leave_one_out_baseline
     rewards, valid, total, n = _group_sums(rewards, valid)
     baseline = (total - rewards) / (n - 1).clamp(min=1)
     return baseline * valid
+    # END ASSIGNMENT
 
 
 # A_i = (r_i - mean(r)) / (std(r) + eps) within the group (Shao et al. 2024, Sec. 4.1.2: outcome supervision),
@@ -70,6 +75,7 @@ def leave_one_out_baseline(rewards, valid):
 # the std division weights prompts whose k rewards nearly agree, too easy or too hard, the most).
 def group_advantages(rewards, valid, scale_by_std=True, eps=1e-4):
     """rewards, valid (G, k) -> advantages (G, k), 0 where not valid."""
+    # BEGIN ASSIGNMENT group_advantages
     rewards, valid, total, n = _group_sums(rewards, valid)
     mean = total / n.clamp(min=1)
     centred = (rewards - mean) * valid
@@ -77,6 +83,7 @@ def group_advantages(rewards, valid, scale_by_std=True, eps=1e-4):
         std = ((centred ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         centred = centred / (std + eps)
     return centred
+    # END ASSIGNMENT
 
 
 class RunningMeanBaseline:

@@ -29,11 +29,13 @@ def soft_bradley_terry_loss(r_chosen, r_rejected, targets, weights=None):
     """The Bradley-Terry loss against soft labels (B,) in [0, 1] (Constitutional AI, Bai et al. 2022, trains
     on the feedback model's probabilities): the cross-entropy of sigmoid(r_c - r_r) with the targets.
     At targets 1 it is bradley_terry_loss; weights as there."""
+    # BEGIN ASSIGNMENT soft_bradley_terry_loss
     d = r_chosen - r_rejected
     losses = -(targets * F.logsigmoid(d) + (1 - targets) * F.logsigmoid(-d))
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum()
+    # END ASSIGNMENT
 
 
 def pair_targets(groups, device):

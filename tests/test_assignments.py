@@ -16,9 +16,11 @@ from nanorlhf.assignments import HINTS, blank, find_regions, hint_line, raise_li
 # where each assignment lives, in the order of HINTS (docs/assignments.md has a section for each)
 WHERE = {"attention_kv_cache": "nanorlhf/model.py", "generate": "nanorlhf/sampler.py",
          "bradley_terry_loss": "nanorlhf/reward.py", "reward_readout": "nanorlhf/reward.py",
+         "soft_bradley_terry_loss": "nanorlhf/reward.py",
          "kl_penalty_rewards": "nanorlhf/ppo.py", "compute_gae": "nanorlhf/ppo.py",
          "masked_whiten": "nanorlhf/ppo.py", "policy_loss": "nanorlhf/ppo.py", "value_loss": "nanorlhf/ppo.py",
-         "adaptive_kl": "nanorlhf/ppo.py", "dpo_loss": "nanorlhf/dpo.py"}
+         "adaptive_kl": "nanorlhf/ppo.py", "dpo_loss": "nanorlhf/dpo.py",
+         "kl_k3": "nanorlhf/pg.py", "leave_one_out_baseline": "nanorlhf/pg.py", "group_advantages": "nanorlhf/pg.py"}
 
 
 def run(args, cwd, timeout=300):
@@ -61,7 +63,7 @@ def student(tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "nanorlhf-student"
     result = run(["-m", "nanorlhf.assignments", "make", str(out)], REPO)
     assert result.returncode == 0, result.stderr
-    assert "11 assignments blanked" in result.stdout
+    assert f"{len(HINTS)} assignments blanked" in result.stdout
     return str(out)
 
 
@@ -276,6 +278,29 @@ def test_ppo_track_runs_train_ppo_once_its_pieces_are_written(tmp_path):
     assert os.path.isfile(out / "ppo" / "ckpt.pt") and os.path.isfile(out / "ppo" / "metrics.jsonl")
 
 
+def test_pg_track_runs_train_pg_once_its_pieces_are_written(tmp_path):
+    copy_dir = str(tmp_path / "pg-student")
+    assignments.make(copy_dir, track="pg")
+    for path, name in ((p, n) for n, p in WHERE.items()):
+        with open(os.path.join(copy_dir, path)) as f:
+            assert (raise_line(name).strip() in f.read()) == (name in assignments.TRACKS["pg"]), name
+    put_back(copy_dir, "kl_k3", "leave_one_out_baseline")  # group_advantages still missing: one line, no folder
+    out = tmp_path / "run"
+    result = run(["train_pg.py", "--preset", "tiny", "--sft_dir", str(out / "sft"), "--rm_dir", str(out / "rm"),
+                  "--out_dir", str(out / "pg")], copy_dir)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"train_pg.py needs assignment group_advantages, not written yet: read "
+        f"{assignments.section('group_advantages')}, then python -m nanorlhf.assignments check group_advantages"], \
+        result.stderr[-3000:]
+    assert not out.exists()
+    put_back(copy_dir, "group_advantages")  # the three written: GRPO runs on them (tiny SFT and RM first)
+    result = run(["train_pg.py", "--preset", "tiny", "--algo", "grpo", "--iterations", "2", "--eval_prompts", "8",
+                  "--sft_dir", str(out / "sft"), "--rm_dir", str(out / "rm"), "--out_dir", str(out / "pg")],
+                 copy_dir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(out / "pg" / "ckpt.pt") and os.path.isfile(out / "pg" / "metrics.jsonl")
+
+
 def test_mutation_check_every_wrong_answer_is_caught_by_its_named_test():
     from nanorlhf import mutants
     assert len(mutants.MUTANTS) >= 40 and set(mutants.TARGETS) == set(HINTS)
@@ -289,7 +314,7 @@ def test_mutation_check_every_wrong_answer_is_caught_by_its_named_test():
 
 
 def test_instructor_files_stay_out_of_the_student_copy(student):
-    for path in ("nanorlhf/mutants.py", "docs/instructor.md"):
+    for path in ("nanorlhf/mutants.py", "nanorlhf/mutants_new.py", "docs/instructor.md"):
         assert os.path.isfile(os.path.join(REPO, path)) and not os.path.exists(os.path.join(student, path)), path
     result = run(["-m", "nanorlhf.assignments", "mutants"], student)
     assert result.returncode != 0 and "instructor" in result.stderr
