@@ -113,7 +113,7 @@ def plot_overoptimization(curves, kl_coef, path):
             axis.set_ylabel(label, color=color)
         ax.set_xlabel("sqrt(KL to SFT), KL in nats per response")
         ax.set_title(f"raters' bias: {bias}")
-    save_figure(fig, path, f"PPO per iteration (dots, fit -) at fixed beta {kl_coef:g}; "
+    save_figure(fig, path, f"PPO per iteration (dots, fit -) at fixed beta {kl_coef:g};\n"
                                              f"best-of-n (squares, fit --)")
 
 
