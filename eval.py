@@ -29,8 +29,8 @@ import torch
 
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model, load_policy
 from nanorlhf.config import EvalConfig, parse_config, print_config
-from nanorlhf.constitution import ConstitutionError, format_agreement, gold_agreement, make_labeller, \
-    raters_gold_agreement
+from nanorlhf.constitution import ConstitutionError, format_agreement, gold_agreement, load_feedback_model, \
+    make_labeller, raters_gold_agreement
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.evaluate import agreement, evaluate_best_of_n, evaluate_policy, format_row, heldout_lm_loss
 from nanorlhf.raters import make_rater_pool
@@ -105,8 +105,7 @@ ranked = sorted(results, key=lambda r: -r["row"]["gold"][0])
 labeler = cfg.labeler or ("rules" if cfg.rlaif_ckpts.strip() else "")
 if labeler:
     try:
-        feedback = load_policy(cfg.labeler_dir or cfg.sft_dir, rt.device, flag="--labeler_dir")[:2] \
-            if labeler == "lm" else (None, None)
+        feedback = load_feedback_model(cfg.labeler_dir or cfg.sft_dir, rt.device) if labeler == "lm" else (None, None)
         labeller = make_labeller(labeler, cfg.constitution, *feedback)
     except (CheckpointError, ConstitutionError) as e:
         raise SystemExit(str(e))

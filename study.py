@@ -33,7 +33,7 @@ reused, so a study can be rerun or extended; delete the folder to start over. Wr
   rounds.png/.json             per round, with and without new preferences: gold, KL, RM-vs-gold agreement
   guard.png/.json              per PPO reward (one RM, ensemble mean, mean - lambda std, min): gold vs sqrt(KL),
                                the gold peak and each monitor's warning; false alarms of an unbiased run
-                               (nanorlhf/guard_study.py, docs/ensembles.md)
+                               (nanorlhf/ensemble_study.py, docs/ensembles.md)
 """
 import dataclasses
 import functools
@@ -45,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-from nanorlhf import guard_study, studies
+from nanorlhf import ensemble_study, studies
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model
 from nanorlhf.config import CommonConfig, StudyConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
@@ -288,7 +288,7 @@ def rounds():
 
 
 def guard():
-    guard_study.run(cfg, sft(), run_stage, biases, smooth=SMOOTH)
+    ensemble_study.run(cfg, sft(), run_stage, biases, smooth=SMOOTH)
 
 
 {"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds, "guard": guard}[study]()

@@ -17,9 +17,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from nanorlhf.checkpoint import CheckpointError, load_model, load_policy, load_resume, rng_state, save_checkpoint
+from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.constitution import ConstitutionError, format_agreement, gold_agreement, label_pairs_ai, \
-    make_labeller, parse_clamp, raters_gold_agreement
+    load_feedback_model, make_labeller, parse_clamp, raters_gold_agreement
 from nanorlhf.config import RMConfig, parse_config, print_config
 from nanorlhf.data import load_corpus, split_prompt, train_val_stories
 from nanorlhf.judge import gold_score, gold_scores
@@ -96,8 +96,7 @@ else:
         try:
             feedback_model = feedback_enc = None
             if cfg.labeler == "lm":
-                feedback_model, feedback_enc = load_policy(cfg.labeler_dir or cfg.sft_dir, rt.device,
-                                                           flag="--labeler_dir")[:2]
+                feedback_model, feedback_enc = load_feedback_model(cfg.labeler_dir or cfg.sft_dir, rt.device)
             labeller = make_labeller(cfg.labeler, cfg.constitution, feedback_model, feedback_enc,
                                      cfg.label_swap, parse_clamp(cfg.label_clamp))
         except (CheckpointError, ConstitutionError) as e:

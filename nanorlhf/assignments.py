@@ -56,7 +56,7 @@ REGION = re.compile(r"^( *)# BEGIN ASSIGNMENT (\w+)\n.*?^ *# END ASSIGNMENT\n", 
 # repository root), and folders of these names anywhere.
 # The instructor's files (the mutants, the reference answers) never reach a student copy either.
 EXCLUDE_PATHS = {"out", "data/cache", ".whl", "tests/test_assignments.py", "nanorlhf/mutants.py",
-                 "nanorlhf/mutants_new.py",
+                 "nanorlhf/mutants_pg.py", "nanorlhf/mutants_ppo.py",
                  "docs/instructor.md", HINT_STATE, COPY_INFO}
 EXCLUDE_NAMES = {".git", "__pycache__", ".pytest_cache"}
 

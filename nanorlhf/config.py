@@ -151,7 +151,7 @@ class RMConfig(CommonConfig):
     rater_bias_weight: float = arg(0.2, "how strong that taste is (gold has std ~0.35 on the corpus's continuations)")
     feedback: str = arg("raters", "raters | constitution: who labels the pairs (docs/constitution.md)")
     labeler: str = arg("rules", "--feedback constitution: rules | lm, the feedback model")
-    labeler_dir: str = arg("", "--labeler lm: the checkpoint of the feedback model; empty = --sft_dir")
+    labeler_dir: str = arg("", "--labeler lm: a checkpoint dir, or gpt2 (HF weights, internet once); empty = --sft_dir")
     constitution: str = arg("data/constitution.md", "--feedback constitution: the principles")
     label_clamp: str = arg("", "--feedback constitution: clamp soft labels to 'low,high', e.g. 0.4,0.6; empty = none")
     label_swap: bool = arg(True, "--feedback constitution: average with the options swapped (cancels position bias)")
@@ -250,7 +250,7 @@ class EvalConfig(CommonConfig):
     rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated")
     labeler: str = arg("", "rules | lm: measure this AI labeller against gold on each method's (response, SFT's) "
                            "pairs; empty = rules when --rlaif_ckpts is given, else none")
-    labeler_dir: str = arg("", "--labeler lm: the feedback model's checkpoint; empty = --sft_dir")
+    labeler_dir: str = arg("", "--labeler lm: a checkpoint dir, or gpt2 (HF weights, internet once); empty = --sft_dir")
     constitution: str = arg("data/constitution.md", "the principles the labeller reads")
 
 

@@ -11,11 +11,12 @@ The mechanics (Bai et al. 2022, section 4.1; Lee et al. 2023):
   * optionally the label is clamped (Bai et al. clamp to 40-60% when the labeller reasons first).
 
 Two feedback models behind one interface (option_logprobs(requests) -> (N, 2) log-scores of A and B):
-  LMFeedback     any causal LM of this project (a nanorlhf checkpoint, or GPT-2 through from_hf_gpt2)
+  LMFeedback     any causal LM of this project (a nanorlhf checkpoint, or GPT-2's weights: --labeler_dir gpt2)
   RulesFeedback  one small stated check per principle (nanorlhf/rules.py): a stand-in for a capable feedback model
 
 python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler rules      # agreement with gold
 python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler lm --labeler_dir out/sft
+python -m nanorlhf.constitution --prefs out/rm/prefs.jsonl --labeler lm --labeler_dir gpt2   # needs internet once
 """
 import argparse
 import os
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import CheckpointError, load_policy
+from nanorlhf.model import GPT2_NAMES, load_pretrained_gpt2
+from nanorlhf.tokenizer import gpt2_encoding
 from nanorlhf.judge import gold_score
 from nanorlhf.prefs import PreferenceFileError, read_prefs
 from nanorlhf.raters import make_rater_pool, rater_prefers
@@ -96,6 +99,18 @@ def render_prompt(context, question, first, second):
 
 
 # ---------------------------------------------------------------- feedback model 2: a language model
+
+def load_feedback_model(where, device):
+    """--labeler_dir: a nanorlhf checkpoint dir (sft, ppo, dpo), or a GPT-2 size (gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl): OpenAI's weights from the Hugging Face hub (downloaded once) with tiktoken's GPT-2 encoding."""
+    if where in GPT2_NAMES and not os.path.isdir(where):
+        try:
+            enc = gpt2_encoding()  # first: a missing tokenizer fails before a long download
+            return load_pretrained_gpt2(where).to(device).eval(), enc
+        except RuntimeError as e:
+            raise ConstitutionError(f"--labeler_dir {where}: {e}") from None
+    return load_policy(where, device, flag="--labeler_dir")[:2]
+
 
 class LMFeedback:
     """A causal LM (nanorlhf GPT) read as in the paper: log P("A") and log P("B") as the next token after
@@ -266,7 +281,8 @@ def main():
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--prefs", required=True, help="a preference file (train_rm.py's prefs.jsonl)")
     ap.add_argument("--labeler", default="rules", help="rules | lm")
-    ap.add_argument("--labeler_dir", default="", help="lm: the nanorlhf checkpoint dir of the feedback model")
+    ap.add_argument("--labeler_dir", default="", help="lm: the feedback model, a nanorlhf checkpoint dir or a "
+                                                      "GPT-2 size (gpt2 | gpt2-medium | gpt2-large | gpt2-xl)")
     ap.add_argument("--constitution", default=DEFAULT_CONSTITUTION)
     ap.add_argument("--n_pairs", type=int, default=500, help="pairs to label (the file's last ones)")
     ap.add_argument("--no_swap", action="store_true", help="one pass only (no swapped-order averaging)")
@@ -277,7 +293,7 @@ def main():
         rows = read_prefs(args.prefs)[-args.n_pairs:]
         model = enc = None
         if args.labeler == "lm":
-            model, enc, _ = load_policy(args.labeler_dir, "cpu", flag="--labeler_dir")
+            model, enc = load_feedback_model(args.labeler_dir, "cpu")
         labeller = make_labeller(args.labeler, args.constitution, model, enc, not args.no_swap,
                                  parse_clamp(args.label_clamp))
     except (PreferenceFileError, CheckpointError, ConstitutionError) as e:

@@ -15,8 +15,6 @@ Runs are subprocesses into out_dir/<method>_<value>; a run finished with the sam
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 
 import matplotlib
@@ -26,14 +24,13 @@ from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, loa
 from nanorlhf.config import CommonConfig, FrontierConfig, parse_config, print_config
 from nanorlhf.data import load_prompts
 from nanorlhf.evaluate import best_of_n_kl, evaluate_best_of_n, evaluate_policy, heldout_lm_loss
-from nanorlhf.guard import run_child
-from nanorlhf.runtime import REPO, setup_runtime
+from nanorlhf import studies
+from nanorlhf.runtime import setup_runtime
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("ppo", "reinforce", "rloo", "grpo", "drgrpo", "dpo", "bon")
-DONE = "frontier_run.json"  # written into a run's folder when it finished: its flags and wall-clock
 
 
 def numbers(text, kind=float):
@@ -41,34 +38,11 @@ def numbers(text, kind=float):
 
 
 def run_stage(script, out_dir, flags):
-    """python script --out_dir out_dir --flag value ..., unless out_dir holds a finished run with these flags.
-    -> the run's wall-clock seconds (measured when it ran)."""
-    flags = {k: str(v) for k, v in flags.items()}
-    done = os.path.join(out_dir, DONE)
-    if os.path.exists(done) and os.path.exists(ckpt_path(out_dir)):
-        with open(done) as f:
-            record = json.load(f)
-        if record["flags"] == flags:
-            print(f"reusing {out_dir} (finished with the same flags)")
-            return record["wall_s"]
-    command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
-               *[a for k, v in flags.items() for a in (f"--{k}", v)]]
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "stdout.log")
-    print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        code = run_child(command, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
-    if code != 0:
-        with open(log_path) as log:
-            tail = log.read()[-3000:]
-        raise SystemExit(f"{script} failed (exit {code}); the end of {log_path}:\n{tail}\nthe command: "
-                         f"{' '.join(command)}")
-    with open(done, "w") as f:
-        json.dump({"flags": flags, "wall_s": wall, "load": os.getloadavg()[0]}, f)
-    print(f"  done in {wall:.0f} s", flush=True)
-    return wall
+    """studies.run_stage (reused when finished with the same flags) -> the run's wall-clock seconds, as
+    recorded when it ran (None for an older run that has no record)."""
+    studies.run_stage(script, out_dir, flags)
+    record = studies.stage_record(out_dir)
+    return record["wall_s"] if record else None
 
 
 def training_runs(cfg, common, sft_dir, rm_dir, methods):
@@ -147,7 +121,8 @@ def markdown(points, cfg):
         kl = f"{p['kl']:.2f}" + (" (analytic)" if p["kl_analytic"] else "")
         lines.append(f"| {p['method']} | {p['knob']} {p['value']:g} | {p['gold']:.3f} ± {p['gold_se']:.3f} | "
                      f"{p['win_rate']:.3f} | {kl} | {p['lm_loss']:.3f} ({p['alignment_tax']:+.3f}) | "
-                     f"{p['length']:.1f} | {p['distinct2']:.3f} | {p['wall_s']:.0f} |")
+                     f"{p['length']:.1f} | {p['distinct2']:.3f} | "
+                     f"{'—' if p['wall_s'] is None else format(p['wall_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 

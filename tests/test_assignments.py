@@ -314,7 +314,7 @@ def test_mutation_check_every_wrong_answer_is_caught_by_its_named_test():
 
 
 def test_instructor_files_stay_out_of_the_student_copy(student):
-    for path in ("nanorlhf/mutants.py", "nanorlhf/mutants_new.py", "docs/instructor.md"):
+    for path in ("nanorlhf/mutants.py", "nanorlhf/mutants_pg.py", "nanorlhf/mutants_ppo.py", "docs/instructor.md"):
         assert os.path.isfile(os.path.join(REPO, path)) and not os.path.exists(os.path.join(student, path)), path
     result = run(["-m", "nanorlhf.assignments", "mutants"], student)
     assert result.returncode != 0 and "instructor" in result.stderr

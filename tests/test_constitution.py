@@ -207,6 +207,78 @@ def test_prefs_soft_label_validated_with_line_numbers(tmp_path):
     assert [r["p_chosen"] for r in read_prefs(path)] == [0.7, 1, 0]
 
 
+# ---------------------------------------------------------------- GPT-2's weights as the feedback model
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A loopback stand-in for the Hugging Face hub serving GPT-2-shaped weights (GPT-2's vocabulary and
+    layout, one 64-wide head: from_hf_gpt2 reads n_embd // 64 heads) at {endpoint}/gpt2/resolve/main/pytorch_model.bin; yields (endpoint, the state dict)."""
+    import functools
+    import http.server
+    import threading
+    from nanorlhf.model import GPT, GPTConfig, to_hf_gpt2
+    from conftest import randomize
+    model = randomize(GPT(GPTConfig(vocab_size=50257, block_size=96, n_layer=1, n_head=1, n_embd=64, bias=True)))
+    hf = {k: v.clone() for k, v in to_hf_gpt2(model).items()}
+    root = tmp_path / "hub"
+    (root / "gpt2" / "resolve" / "main").mkdir(parents=True)
+    torch.save(hf, root / "gpt2" / "resolve" / "main" / "pytorch_model.bin")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hf
+    server.shutdown()
+
+
+def test_labeler_dir_gpt2_downloads_converts_and_scores_with_gpt2s_tokenizer(tmp_path, fake_hub, gpt2_cache_dir,
+                                                                           monkeypatch):
+    from nanorlhf.constitution import load_feedback_model
+    from nanorlhf.model import from_hf_gpt2
+    endpoint, hf = fake_hub
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(gpt2_cache_dir))
+    model, enc = load_feedback_model("gpt2", "cpu")
+    assert enc.name == "gpt2" and enc.encode("Hello world") == [15496, 995]
+    assert (tmp_path / "home" / ".cache" / "nanorlhf" / "gpt2-pytorch_model.bin").exists()  # cached for next time
+    reference = from_hf_gpt2(hf).eval()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    # the labeller reads P(A), P(B) after "The answer is (" under GPT-2's tokenizer
+    request = {"context": "Tom had a red ball.", "question": "Which continuation is kinder?",
+               "first": "He gave it to his sister.", "second": "He threw it at the cat."}
+    feedback = LMFeedback(model, enc)
+    ids = torch.tensor([feedback.tokens(request)])
+    assert enc.decode(ids[0].tolist()) == render_prompt(*request.values())
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(ids)[0, -1], -1)
+    want = logp[[enc.encode_ordinary("A")[0], enc.encode_ordinary("B")[0]]]
+    assert torch.allclose(torch.as_tensor(feedback.option_logprobs([request]))[0].float(), want, atol=1e-5)
+
+
+def test_labeler_dir_gpt2_from_the_command_line_and_a_failed_download_says_the_fix(tmp_path, fake_hub, gpt2_cache_dir):
+    endpoint, _ = fake_hub
+    rows = [{"prompt": "Lily saw a dog.", "chosen": " She smiled and gave it a hug. The end.",
+             "rejected": " The dog ran. The dog ran. The dog ran."}] * 4
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**ENV, "HF_ENDPOINT": endpoint, "HOME": str(tmp_path / "home"), "TIKTOKEN_CACHE_DIR": str(gpt2_cache_dir)}
+    cmd = [sys.executable, "-m", "nanorlhf.constitution", "--prefs", str(tmp_path / "prefs.jsonl"), "--labeler", "lm",
+           "--labeler_dir", "gpt2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"downloading {endpoint}/gpt2/resolve/main/pytorch_model.bin" in proc.stdout
+    assert "lm labeller (gpt2, swap True): agreement with gold" in proc.stdout
+    env = {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HOME": str(tmp_path / "home2")}  # port 9: nothing there
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--labeler_dir gpt2: could not download gpt2 weights" in proc.stderr and "put the file at" in proc.stderr
+    assert not list((tmp_path / "home2").rglob("*.bin*"))  # no half-written weights left to load next time
+
+
 # ---------------------------------------------------------------- the scripts, at the tiny preset
 
 def run(*args):

