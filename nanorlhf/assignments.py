@@ -214,8 +214,8 @@ def run_tests(names, repo=REPO, timeout=900):
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, "results.xml")
         # a file that does not import (a syntax error in the module it tests) costs only its own tests
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                               "--continue-on-collection-errors", *files],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", "--continue-on-collection-errors", *files],
                               cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
         if not os.path.exists(xml):
             raise SystemExit(f"pytest did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

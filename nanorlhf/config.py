@@ -248,8 +248,7 @@ class EvalConfig(CommonConfig):
     n_samples: int = arg(3, "prompts whose responses from every method are shown side by side")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
     rlaif_ckpts: str = arg("", "RLAIF policies (PPO on a --feedback constitution RM), comma-separated")
-    labeler: str = arg("", "rules | lm: measure this AI labeller against gold on each method's (response, SFT's) "
-                           "pairs; empty = rules when --rlaif_ckpts is given, else none")
+    labeler: str = arg("", "rules | lm: an AI labeller to check against gold; empty: rules if --rlaif_ckpts")
     labeler_dir: str = arg("", "--labeler lm: a checkpoint dir, or gpt2 (HF weights, internet once); empty = --sft_dir")
     constitution: str = arg("data/constitution.md", "the principles the labeller reads")
 
@@ -285,6 +284,7 @@ class FrontierConfig(CommonConfig):
     iterations: int = arg(30, "iterations of every ppo / pg run (the same episodes for each)")
     eval_prompts: int = arg(128, "held-out prompts every method answers")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
+    parallel: int = arg(1, "training runs at a time; above 1 each gets one thread (a CPU's cores side by side)")
 
 
 def _str2bool(s):

@@ -37,37 +37,31 @@ def numbers(text, kind=float):
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
-def run_stage(script, out_dir, flags):
-    """studies.run_stage (reused when finished with the same flags) -> the run's wall-clock seconds, as
-    recorded when it ran (None for an older run that has no record)."""
-    studies.run_stage(script, out_dir, flags)
-    record = studies.stage_record(out_dir)
-    return record["wall_s"] if record else None
-
-
 def training_runs(cfg, common, sft_dir, rm_dir, methods):
-    """Train every method at each KL strength -> [(method, knob, value, out_dir, wall_s)]."""
+    """Train every method at each KL strength, --parallel runs at a time -> [(method, knob, value, out_dir,
+    wall_s)], wall_s as recorded when the run ran (None for an older run without a record)."""
     rl = {**common, "sft_dir": sft_dir, "rm_dir": rm_dir, "iterations": cfg.iterations,
           "eval_prompts": cfg.eval_prompts}
-    runs = []
+    runs, jobs = [], []
     for method in methods:
         if method == "ppo":
             for beta in numbers(cfg.betas):
                 out = os.path.join(cfg.out_dir, f"ppo_beta{beta:g}")
-                runs.append((method, "beta", beta, out, run_stage("train_ppo.py", out, {
-                    **rl, "init_kl_coef": beta, "adaptive_kl": False})))
+                runs.append((method, "beta", beta, out))
+                jobs.append(("train_ppo.py", out, {**rl, "init_kl_coef": beta, "adaptive_kl": False}))
         elif method in ("reinforce", "rloo", "grpo", "drgrpo"):
             knob, values = (("beta", cfg.betas) if method in ("reinforce", "rloo") else ("kl_coef", cfg.grpo_kl_coefs))
             for value in numbers(values):
                 out = os.path.join(cfg.out_dir, f"{method}_{knob}{value:g}")
-                runs.append((method, knob, value, out, run_stage("train_pg.py", out, {
-                    **rl, "algo": method, "kl_coef": value})))
+                runs.append((method, knob, value, out))
+                jobs.append(("train_pg.py", out, {**rl, "algo": method, "kl_coef": value}))
         elif method == "dpo":
             for beta in numbers(cfg.dpo_betas):
                 out = os.path.join(cfg.out_dir, f"dpo_beta{beta:g}")
-                runs.append((method, "beta", beta, out, run_stage("train_dpo.py", out, {
-                    **common, "sft_dir": sft_dir, "rm_dir": rm_dir, "beta": beta})))
-    return runs
+                runs.append((method, "beta", beta, out))
+                jobs.append(("train_dpo.py", out, {**common, "sft_dir": sft_dir, "rm_dir": rm_dir, "beta": beta}))
+    studies.run_stages(jobs, cfg.parallel)
+    return [(*run, (studies.stage_record(run[3]) or {}).get("wall_s")) for run in runs]
 
 
 def point(method, knob, value, row, lm_loss, lm_sft, wall_s, source):
@@ -159,9 +153,9 @@ def main(argv):
     sft_dir = cfg.sft_dir or os.path.join(cfg.out_dir, "sft")
     rm_dir = cfg.rm_dir or os.path.join(cfg.out_dir, "rm")
     if not cfg.sft_dir:
-        run_stage("train_sft.py", sft_dir, common)
+        studies.run_stage("train_sft.py", sft_dir, common)
     if not cfg.rm_dir:
-        run_stage("train_rm.py", rm_dir, {**common, "sft_dir": sft_dir})
+        studies.run_stage("train_rm.py", rm_dir, {**common, "sft_dir": sft_dir})
     for given in (cfg.sft_dir, cfg.rm_dir):
         if given and not os.path.exists(ckpt_path(given)):
             raise SystemExit(f"no checkpoint at {ckpt_path(given)}: pass a finished run's folder, or leave the flag "

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -172,6 +173,35 @@ def run_child(command, **kwargs):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def run_children(commands, logs, parallel, env=None):
+    """run_child for several commands, at most `parallel` at a time, each writing to its open log file:
+    SIGINT, SIGTERM and SIGHUP reach every running child, and after one no new child starts.
+    -> [(exit code, wall-clock seconds)] in the order of commands; (None, 0.0) for one never started."""
+    env = {**(env or os.environ), PARENT_ENV: str(os.getpid())}
+    pending, running, done, stop = list(range(len(commands))), {}, [(None, 0.0)] * len(commands), []
+
+    def forward(signum, frame):
+        stop.append(signum)
+        for child, _ in running.values():
+            child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while running or (pending and not stop):
+            while pending and len(running) < parallel and not stop:
+                i = pending.pop(0)
+                running[i] = (subprocess.Popen(commands[i], process_group=0, env=env, stdout=logs[i],
+                                               stderr=subprocess.STDOUT), time.time())
+            for i, (child, t0) in list(running.items()):
+                if child.poll() is not None:
+                    done[i] = (child.returncode, time.time() - t0)
+                    del running[i]
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return done
 
 
 PARENT_ENV = "NANORLHF_PARENT_PID"  # run_child tells the child stage who started it

@@ -186,7 +186,7 @@ def run_plan(plan):
     files = [os.path.join(REPO, "tests", "assignments", f"test_{n}.py") for n in dict.fromkeys(n for n, _ in plan)]
     loop = _Loop(plan)
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
-        code = pytest.main([*files, "-q", "-p", "no:cacheprovider", "-W", "ignore", f"--rootdir={REPO}"],
+        code = pytest.main([*files, "-q", "-n", "0", "-p", "no:cacheprovider", "-W", "ignore", f"--rootdir={REPO}"],
                            plugins=[loop])
     if len(loop.results) != len(plan):
         raise SystemExit(f"the assignments' tests did not run (pytest exit {code}):\n{out.getvalue()[-2000:]}")

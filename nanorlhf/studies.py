@@ -3,9 +3,7 @@ with the same flags is already there), writing JSON and figures, and the studies
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 import matplotlib
 import numpy as np
@@ -13,7 +11,7 @@ import numpy as np
 from nanorlhf.checkpoint import ckpt_path, load_checkpoint
 from nanorlhf.evaluate import goodhart_curve
 from nanorlhf.metrics import read_metrics
-from nanorlhf.guard import run_child
+from nanorlhf.guard import run_children
 from nanorlhf.runtime import REPO
 
 matplotlib.use("Agg")  # no display needed
@@ -40,8 +38,8 @@ def stage_record(out_dir):
 
 def finished(out_dir, flags):
     """out_dir holds a run made with these flags that got to its end, after the runs it was made from: an
-    upstream run retrained since makes it stale. A run that run_stage saw exit 0 says so in its record;
-    an older run without one is judged from its checkpoint (its config, and the last step it logs)."""
+    upstream run retrained since makes it stale. Judged from its checkpoint (its config, and what a finished
+    run of its stage holds) and, where run_stage made it, from its record (the flags, and no later write)."""
     if not os.path.exists(ckpt_path(out_dir)):
         return False
     made = os.path.getmtime(ckpt_path(out_dir))
@@ -50,8 +48,9 @@ def finished(out_dir, flags):
     if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
         return False
     record = stage_record(out_dir)
-    if record is not None:
-        return record["flags"] == {k: str(v) for k, v in flags.items()}
+    if record is not None and (record["flags"] != {k: str(v) for k, v in flags.items()}
+                               or os.path.getmtime(os.path.join(out_dir, RECORD)) < made):
+        return False  # made with other flags, or its checkpoint was written again since it finished
     ckpt = load_checkpoint(out_dir)
     if ckpt["stage"] in ("ppo", "pg"):
         path = os.path.join(out_dir, "metrics.jsonl")
@@ -70,30 +69,47 @@ def run_stage(script, out_dir, flags):
     """python script --out_dir out_dir --flag value .. (the script found next to study.py) in a child process,
     unless out_dir already holds a finished run with these flags. Its wall-clock seconds and the machine's
     load go into out_dir/stage_run.json (stage_record). -> out_dir"""
-    if finished(out_dir, flags):
-        print(f"reusing {out_dir} (finished with the same flags)")
-        return out_dir
-    # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
-    command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
-               *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, RECORD)):
-        os.remove(os.path.join(out_dir, RECORD))  # the run below replaces the one it described
-    log_path = os.path.join(out_dir, "stdout.log")
-    print(f"running {script} -> {out_dir} (output in {log_path})", flush=True)
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        code = run_child(command, stdout=log, stderr=subprocess.STDOUT)  # signals reach it; it is waited for
-    wall = time.time() - t0
-    if code != 0:
-        with open(log_path) as log:
-            tail = log.read()[-3000:]
-        raise SystemExit(f"{script} failed (exit {code}); the end of {log_path}:\n{tail}\n"
-                         f"the command: {' '.join(command)}")
-    save_json(os.path.join(out_dir, RECORD), {"flags": {k: str(v) for k, v in flags.items()}, "wall_s": wall,
-                                             "load": os.getloadavg()[0]})
-    print(f"  done in {wall:.0f} s", flush=True)
+    run_stages([(script, out_dir, flags)])
     return out_dir
+
+
+def run_stages(jobs, parallel=1):
+    """run_stage for each (script, out_dir, flags) of jobs, up to `parallel` children at a time. With more than
+    one, each child runs on one thread (OMP_NUM_THREADS=1): on a CPU two small runs side by side get more from
+    two cores than one run on both. A failed run stops the study with the end of its log."""
+    todo = []
+    for script, out_dir, flags in jobs:
+        if finished(out_dir, flags):
+            print(f"reusing {out_dir} (finished with the same flags)")
+            continue
+        # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
+        command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
+                   *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, RECORD)):
+            os.remove(os.path.join(out_dir, RECORD))  # the run below replaces the one it described
+        print(f"running {script} -> {out_dir} (output in {os.path.join(out_dir, 'stdout.log')})", flush=True)
+        todo.append((script, out_dir, flags, command))
+    logs = [open(os.path.join(out_dir, "stdout.log"), "w") for _, out_dir, _, _ in todo]
+    try:  # signals reach every child; each is waited for
+        results = run_children([c for *_, c in todo], logs, parallel,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None)
+    finally:
+        for log in logs:
+            log.close()
+    for (script, out_dir, flags, command), (code, wall) in zip(todo, results):
+        if code == 0:
+            save_json(os.path.join(out_dir, RECORD), {"flags": {k: str(v) for k, v in flags.items()},
+                                                     "wall_s": wall, "load": os.getloadavg()[0]})
+            print(f"  {out_dir} done in {wall:.0f} s", flush=True)
+    for (script, out_dir, flags, command), (code, wall) in zip(todo, results):
+        if code is None:
+            raise SystemExit(f"stopped by a signal before {script} -> {out_dir} started; rerun the study to go on")
+        if code != 0:
+            with open(os.path.join(out_dir, "stdout.log")) as log:
+                tail = log.read()[-3000:]
+            raise SystemExit(f"{script} failed (exit {code}); the end of {out_dir}/stdout.log:\n{tail}\n"
+                             f"the command: {' '.join(command)}")
 
 
 def save_json(path, obj):

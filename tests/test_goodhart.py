@@ -109,16 +109,22 @@ def test_a_run_is_reused_only_with_its_record_flags_and_no_newer_upstream(tmp_pa
     import json
     import os
     from nanorlhf import studies
+    from nanorlhf.checkpoint import save_checkpoint
     out, sft = tmp_path / "run", tmp_path / "sft"
     for d in (out, sft):
-        d.mkdir()
-        (d / "ckpt.pt").write_bytes(b"x")
+        save_checkpoint(str(d), {"stage": "dpo", "model": {}, "model_config": {}, "step": 1, "tokenizer": {},
+                                 "config": {"lr": 0.1, "sft_dir": str(sft)}})
     os.utime(sft / "ckpt.pt", (1, 1))
+    os.utime(out / "ckpt.pt", (2, 2))
     (out / studies.RECORD).write_text(json.dumps({"flags": {"lr": "0.1", "sft_dir": str(sft)}, "wall_s": 12.5}))
     assert studies.finished(str(out), {"lr": 0.1, "sft_dir": str(sft)})
     assert studies.stage_record(str(out))["wall_s"] == 12.5
     assert not studies.finished(str(out), {"lr": 0.2, "sft_dir": str(sft)})
     assert not studies.finished(str(out), {"lr": 0.1})  # a flag fewer is another run
+    os.utime(out / studies.RECORD, (3, 3))
+    os.utime(out / "ckpt.pt", (4, 4))  # its checkpoint written again after the record (a rerun stopped midway)
+    assert not studies.finished(str(out), {"lr": 0.1, "sft_dir": str(sft)})
+    os.utime(out / "ckpt.pt", (2, 2))
     os.utime(sft / "ckpt.pt")  # the SFT model was retrained after this run: stale
     assert not studies.finished(str(out), {"lr": 0.1, "sft_dir": str(sft)})
     with pytest.raises(SystemExit, match="no_such_script.py failed"):

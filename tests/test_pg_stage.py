@@ -106,7 +106,7 @@ def test_ptx_coef_adds_the_lm_loss_and_zero_changes_nothing(stages, tmp_path):
 def test_frontier_runs_each_method_then_reuses_the_runs(stages, tmp_path):
     out = str(tmp_path / "frontier")
     args = ("study.py", "frontier", "--preset", "tiny", "--sft_dir", stages["sft"], "--rm_dir", stages["rm"],
-            "--out_dir", out, *LONG, "--methods", "rloo,grpo,dpo,bon", "--bon", "1,2")
+            "--out_dir", out, *LONG, "--methods", "rloo,grpo,dpo,bon", "--bon", "1,2", "--parallel", "2")
     result = run(*args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     with open(os.path.join(out, "frontier.json")) as f:

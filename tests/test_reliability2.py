@@ -387,6 +387,39 @@ def test_6_sigterm_to_ppo_stops_the_sft_stage_it_trains_as_a_child(root, rm):
         proc.communicate()
 
 
+def test_6_parallel_stages_run_at_most_n_at_once_and_a_signal_reaches_every_running_one(tmp_path):
+    """guard.run_children (study.py frontier --parallel): at most `parallel` children at a time, each timed;
+    a SIGTERM to the parent reaches every running child, starts no new one, and the parent waits for all."""
+    from nanorlhf.guard import run_children
+    child = ("import os, signal, sys, time\n"
+             "def stop(signum, frame):\n    open(sys.argv[1] + '.stopped', 'w').write(str(signum))\n    sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "open(sys.argv[1] + '.start', 'w').write(repr(time.time()))\n"
+             "time.sleep(float(sys.argv[2]))\n"
+             "open(sys.argv[1] + '.end', 'w').write(repr(time.time()))\n")
+    names = [str(tmp_path / f"c{i}") for i in range(4)]
+    logs = [open(n + ".log", "w") for n in names]
+    results = run_children([[sys.executable, "-c", child, n, "0.5"] for n in names], logs, 2)
+    assert [code for code, _ in results] == [0, 0, 0, 0] and all(wall >= 0.5 for _, wall in results)
+    spans = [tuple(float(open(n + ext).read()) for ext in (".start", ".end")) for n in names]
+    at_once = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert at_once == 2, spans  # two ran side by side, never three
+    # SIGTERM while the first two run: both stop through their handler, the other two never start
+    parent = ("import sys\nfrom nanorlhf.guard import run_children\n"
+              "names = sys.argv[2:]\nlogs = [open(n + '.log', 'w') for n in names]\n"
+              "print(run_children([[sys.executable, '-c', sys.argv[1], n, '60'] for n in names], logs, 2), flush=True)\n")
+    names = [str(tmp_path / f"s{i}") for i in range(4)]
+    proc = subprocess.Popen([sys.executable, "-c", parent, child, *names], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all(os.path.exists(n + ".start") for n in names[:2]) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert out.startswith("[(143, ") and out.count("(143, ") == 2 and out.count("(None, 0.0)") == 2, out
+    assert [os.path.exists(n + ".stopped") for n in names] == [True, True, False, False]
+    assert not any(os.path.exists(n + ".start") for n in names[2:])
+
+
 def test_6_a_child_stage_stops_when_its_parent_is_killed_with_sigkill(tmp_path):
     """No handler runs on SIGKILL, so the parent cannot pass it on: the kernel sends the child SIGTERM when
     its parent dies (setup_runtime sets PR_SET_PDEATHSIG in a stage run_child started), and the child stops
