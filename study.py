@@ -92,6 +92,11 @@ def run_stage(script, out_dir, **flags):
     return studies.run_stage(script, out_dir, {**common, **flags})
 
 
+def run_stages(jobs):
+    """[(script, out_dir, flags)], --parallel at a time."""
+    studies.run_stages([(script, out_dir, {**common, **flags}) for script, out_dir, flags in jobs], cfg.parallel)
+
+
 def reward_model(bias, out_dir=None, **flags):
     """An RM trained on raters with this bias (flags: policy_dir, extra_prefs for later rounds)."""
     return run_stage("train_rm.py", out_dir or os.path.join(cfg.out_dir, f"rm_{bias}"), sft_dir=sft(),
@@ -288,7 +293,7 @@ def rounds():
 
 
 def guard():
-    ensemble_study.run(cfg, sft(), run_stage, biases, smooth=SMOOTH)
+    ensemble_study.run(cfg, sft(), run_stages, biases, smooth=SMOOTH)
 
 
 {"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds, "guard": guard}[study]()

@@ -256,8 +256,7 @@ class EvalConfig(CommonConfig):
 @dataclass
 class StudyConfig(CommonConfig):
     sft_dir: str = arg("", "the SFT checkpoint every run starts from; empty = out_dir/sft, trained if missing")
-    rater_bias: str = arg("length,flowery,sycophancy",
-                          "the raters' hidden taste, one reward model and curve each (none = no bias)")
+    rater_bias: str = arg("length,flowery,sycophancy", "the raters' hidden taste, an RM and curve each (none: no bias)")
     rater_bias_weight: float = arg(0.2, "strength of that taste (train_rm.py --rater_bias_weight)")
     iterations: int = arg(60, "PPO iterations per run; rounds splits them into rounds + 1 segments")
     kl_coef: float = arg(0.01, "the weak, fixed KL penalty of overoptimization and rounds")
@@ -270,6 +269,7 @@ class StudyConfig(CommonConfig):
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
     ensemble: int = arg(3, "guard: reward models in the ensemble (train_rm.py --ensemble)")
     ensemble_lambda: float = arg(1.0, "guard: lambda of the mean - lambda * std reward")
+    parallel: int = arg(1, "guard: training runs at a time; above 1 each gets one thread (a CPU's cores side by side)")
 
 
 @dataclass

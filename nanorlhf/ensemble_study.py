@@ -61,33 +61,33 @@ def print_run(name, c):
           f"warned: {warned or 'none'}")
 
 
-def run(cfg, sft_dir, run_stage, biases, smooth=5, patience=3):
-    """cfg: the StudyConfig; run_stage(script, out_dir, **flags) runs a stage with the study's common flags."""
-    def ensemble(bias):
-        return run_stage("train_rm.py", os.path.join(cfg.out_dir, f"guard_rm_{bias}_k{cfg.ensemble}"),
-                         sft_dir=sft_dir, rater_bias="" if bias == "none" else bias,
-                         rater_bias_weight=cfg.rater_bias_weight, ensemble=cfg.ensemble)
-
-    def ppo(name, rm_dir, **flags):
-        return run_stage("train_ppo.py", os.path.join(cfg.out_dir, name), sft_dir=sft_dir, rm_dir=rm_dir,
-                         iterations=cfg.iterations, eval_prompts=cfg.eval_prompts, monitor_patience=patience, **flags)
-
+def run(cfg, sft_dir, run_stages, biases, smooth=5, patience=3):
+    """cfg: the StudyConfig; run_stages([(script, out_dir, flags)]) runs stages with the study's common flags,
+    --parallel at a time: first every ensemble, then every PPO run."""
+    biased = [b for b in biases if b != "none"]
+    rm_dirs = {b: os.path.join(cfg.out_dir, f"guard_rm_{b}_k{cfg.ensemble}") for b in biased + ["none"]}
+    run_stages([("train_rm.py", rm_dir, dict(sft_dir=sft_dir, rater_bias="" if b == "none" else b,
+                                             rater_bias_weight=cfg.rater_bias_weight, ensemble=cfg.ensemble))
+                for b, rm_dir in rm_dirs.items()])
+    ppo = dict(sft_dir=sft_dir, iterations=cfg.iterations, eval_prompts=cfg.eval_prompts, monitor_patience=patience)
+    runs = {(b, label(how)): os.path.join(cfg.out_dir, f"guard_ppo_{b}_{label(how)}_kl{cfg.kl_coef:g}_"
+                                                       f"it{cfg.iterations}") for b in biased for how in REWARDS}
+    # false alarms: unbiased raters, member 0 alone, the default adaptive beta (a run a practitioner would make)
+    unbiased = os.path.join(cfg.out_dir, f"guard_ppo_none_single_adaptive_it{cfg.iterations}")
+    run_stages([("train_ppo.py", runs[b, label(how)], dict(ppo, rm_dir=rm_dirs[b], init_kl_coef=cfg.kl_coef,
+                                                            adaptive_kl=False, reward_ensemble=how,
+                                                            ensemble_lambda=cfg.ensemble_lambda))
+                for b in biased for how in REWARDS] + [("train_ppo.py", unbiased, dict(ppo, rm_dir=rm_dirs["none"]))])
     report = {}
-    for bias in [b for b in biases if b != "none"]:
-        rm_dir = ensemble(bias)
+    for bias in biased:
         report[bias] = {}
         print(f"bias {bias}: PPO at fixed beta {cfg.kl_coef:g}, {cfg.iterations} iterations, an ensemble of "
               f"{cfg.ensemble} | reward | gold peak | where it ended | held-out gold | monitors' warnings "
               f"(iterations after the gold peak)")
         for how in REWARDS:
-            ppo_dir = ppo(f"guard_ppo_{bias}_{label(how)}_kl{cfg.kl_coef:g}_it{cfg.iterations}", rm_dir,
-                          init_kl_coef=cfg.kl_coef, adaptive_kl=False, reward_ensemble=how,
-                          ensemble_lambda=cfg.ensemble_lambda)
-            report[bias][label(how)] = c = read_run(ppo_dir, patience, smooth)
+            report[bias][label(how)] = c = read_run(runs[bias, label(how)], patience, smooth)
             print_run(label(how), c)
-    # false alarms: unbiased raters, member 0 alone, the default adaptive beta (a run a practitioner would make)
-    rm_dir = ensemble("none")
-    c = read_run(ppo(f"guard_ppo_none_single_adaptive_it{cfg.iterations}", rm_dir), patience, smooth)
+    c = read_run(unbiased, patience, smooth)
     c["false_alarms"] = [k for k, w in c["warnings"].items() if w]
     report["unbiased_adaptive_beta"] = c
     print("unbiased raters, default adaptive beta (a warning here is a false alarm unless gold fell):")

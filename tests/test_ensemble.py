@@ -197,7 +197,8 @@ def test_stop_on_monitor_keeps_the_last_clear_policy_and_exits_0(sft_dir, ensemb
 def test_guard_study_at_tiny(sft_dir, tmp_path):
     out = str(tmp_path / "study")
     result = run("study.py", "guard", "--preset", "tiny", "--sft_dir", sft_dir, "--out_dir", out, "--rater_bias",
-                 "length", "--iterations", "2", "--ensemble", "2", "--eval_prompts", "4", timeout=1200)
+                 "length", "--iterations", "2", "--ensemble", "2", "--eval_prompts", "4", "--parallel", "2",
+                 timeout=1200)
     check_ok(result)
     with open(os.path.join(out, "guard.json")) as f:
         report = json.load(f)["report"]
