@@ -24,7 +24,9 @@ rounds (InstructGPT, Ouyang et al. 2022; Bai et al. 2022): after a PPO segment t
 
 The training scripts run as subprocesses with the study's settings (--preset etc.), each into its own
 folder under out_dir (its console output in stdout.log there). A finished run with the same flags is
-reused, so a study can be rerun or extended; delete the folder to start over. Writes to out_dir:
+reused, so a study can be rerun or extended; delete the folder to start over. --parallel N trains N of a
+study's runs at a time, one thread each (on a CPU two side by side beat one on both cores; rounds is a chain
+and stays one at a time). Writes to out_dir:
   overoptimization.png/.json   per PPO iteration: sqrt(KL), proxy reward (as PPO sees it: the no-EOS penalty
                                for unended responses), gold ± s.e.; per n of best-of-n the same; the fits
                                (alpha, beta, R²) and the peak test; one panel per bias
@@ -97,16 +99,27 @@ def run_stages(jobs):
     studies.run_stages([(script, out_dir, {**common, **flags}) for script, out_dir, flags in jobs], cfg.parallel)
 
 
-def reward_model(bias, out_dir=None, **flags):
+def rm_job(bias, out_dir=None, **flags):
     """An RM trained on raters with this bias (flags: policy_dir, extra_prefs for later rounds)."""
-    return run_stage("train_rm.py", out_dir or os.path.join(cfg.out_dir, f"rm_{bias}"), sft_dir=sft(),
-                     rater_bias="" if bias == "none" else bias, rater_bias_weight=cfg.rater_bias_weight, **flags)
+    return "train_rm.py", out_dir or os.path.join(cfg.out_dir, f"rm_{bias}"), dict(
+        sft_dir=sft(), rater_bias="" if bias == "none" else bias, rater_bias_weight=cfg.rater_bias_weight, **flags)
+
+
+def ppo_job(out_dir, rm_dir, kl_coef, iterations=None, init_policy=""):
+    """PPO with a fixed KL coefficient (no adaptive controller)."""
+    return "train_ppo.py", out_dir, dict(sft_dir=sft(), rm_dir=rm_dir, init_kl_coef=kl_coef, adaptive_kl=False,
+                                         iterations=iterations or cfg.iterations, eval_prompts=cfg.eval_prompts,
+                                         init_policy=init_policy)
+
+
+def reward_model(bias, out_dir=None, **flags):
+    script, out_dir, flags = rm_job(bias, out_dir, **flags)
+    return run_stage(script, out_dir, **flags)
 
 
 def ppo(out_dir, rm_dir, kl_coef, iterations=None, init_policy=""):
-    """PPO with a fixed KL coefficient (no adaptive controller)."""
-    return run_stage("train_ppo.py", out_dir, sft_dir=sft(), rm_dir=rm_dir, init_kl_coef=kl_coef, adaptive_kl=False,
-                     iterations=iterations or cfg.iterations, eval_prompts=cfg.eval_prompts, init_policy=init_policy)
+    script, out_dir, flags = ppo_job(out_dir, rm_dir, kl_coef, iterations, init_policy)
+    return run_stage(script, out_dir, **flags)
 
 
 # ---------------------------------------------------------------- the studies
@@ -197,10 +210,14 @@ def print_curve(bias, c):
 
 def overoptimization():
     samples, sft_ckpt = bon_samples() if cfg.bon_max else (None, None)
+    rms = {bias: rm_job(bias) for bias in biases}
+    ppos = {bias: ppo_job(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{cfg.kl_coef:g}_it{cfg.iterations}"),
+                          rms[bias][1], cfg.kl_coef) for bias in biases}
+    run_stages(list(rms.values()))  # --parallel at a time
+    run_stages(list(ppos.values()))
     curves = {}
     for bias in biases:
-        rm_dir = reward_model(bias)
-        ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{cfg.kl_coef:g}_it{cfg.iterations}"), rm_dir, cfg.kl_coef)
+        rm_dir, ppo_dir = rms[bias][1], ppos[bias][1]
         steps = [r for r in read_metrics(os.path.join(ppo_dir, "metrics.jsonl")) if "gold" in r and "kl" in r]
         curves[bias] = c = {"ppo_dir": ppo_dir, "rm_dir": rm_dir, "iteration": [r["step"] for r in steps],
                             "kl": [r["kl"] for r in steps], "sqrt_kl": [math.sqrt(max(r["kl"], 0.0)) for r in steps],
@@ -221,11 +238,15 @@ def overoptimization():
 
 def beta_sweep():
     betas = [float(b) for b in cfg.betas.split(",") if b.strip()]
+    rms = {bias: rm_job(bias) for bias in biases}
+    ppos = {(bias, beta): ppo_job(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{beta:g}_it{cfg.iterations}"),
+                                  rms[bias][1], beta) for bias in biases for beta in betas}
+    run_stages(list(rms.values()))  # --parallel at a time
+    run_stages(list(ppos.values()))
     points = []
     for bias in biases:
-        rm_dir = reward_model(bias)
         for beta in betas:
-            ppo_dir = ppo(os.path.join(cfg.out_dir, f"ppo_{bias}_kl{beta:g}_it{cfg.iterations}"), rm_dir, beta)
+            ppo_dir = ppos[bias, beta][1]
             e = final_eval(ppo_dir)
             points.append({"bias": bias, "beta": beta, "ppo_dir": ppo_dir, "gold": e["eval_gold_ppo"],
                            "gold_se": e["eval_gold_ppo_se"], "kl": e["eval_kl"], "reward": e["eval_reward_ppo"],

@@ -269,7 +269,7 @@ class StudyConfig(CommonConfig):
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
     ensemble: int = arg(3, "guard: reward models in the ensemble (train_rm.py --ensemble)")
     ensemble_lambda: float = arg(1.0, "guard: lambda of the mean - lambda * std reward")
-    parallel: int = arg(1, "guard: training runs at a time; above 1 each gets one thread (a CPU's cores side by side)")
+    parallel: int = arg(1, "training runs at a time (not in rounds); above 1 each runs on one thread (a CPU)")
 
 
 @dataclass

@@ -164,6 +164,19 @@ def test_study_overoptimization_curve(runs):
     again = run(*args).stdout
     # and the PPO run made from the old RM is stale now: it is made again from the new one
     assert "running train_rm.py" in again and "running train_ppo.py" in again and "reusing" not in again
+    # beta_sweep in the same folder, two runs at a time: the RM and the beta 0.01 run are these, 0.3 is new
+    sweep = run("study.py", "beta_sweep", *TINY, "--sft_dir", runs["sft"], "--out_dir", out, "--rater_bias",
+                "length", "--iterations", "5", "--betas", "0.01,0.3", "--parallel", "2").stdout
+    assert sweep.count("reusing") == 2 and sweep.count("running train_ppo.py") == 1
+    with open(os.path.join(out, "beta_sweep.json")) as f:
+        points = json.load(f)["points"]
+    assert [(p["beta"], os.path.basename(p["ppo_dir"])) for p in points] == [
+        (0.01, "ppo_length_kl0.01_it5"), (0.3, "ppo_length_kl0.3_it5")]
+    for p in points:
+        assert p["gold"] == read_jsonl(os.path.join(p["ppo_dir"], "metrics.jsonl"))[-1]["eval_gold_ppo"]
+        with open(os.path.join(p["ppo_dir"], "stage_run.json")) as f:
+            assert json.load(f)["wall_s"] > 0  # run_stages recorded each run it made
+    assert os.path.getsize(os.path.join(out, "beta_sweep.png")) > 0
 
 
 def test_iterated_rlhf_hooks(runs, tmp_path):
