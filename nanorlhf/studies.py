@@ -65,6 +65,20 @@ def finished(out_dir, flags):
     return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
 
 
+def interrupted(out_dir, flags):
+    """out_dir holds a run with these flags that was stopped before its end (Ctrl-C, SIGTERM, a session's time
+    limit) and saved a checkpoint to go on from: run_stages continues it with --resume instead of starting over.
+    Not an ensemble (its members are child runs of their own), and not a run older than what it was made from."""
+    if not os.path.exists(ckpt_path(out_dir)) or stage_record(out_dir) is not None or finished(out_dir, flags):
+        return False
+    made = os.path.getmtime(ckpt_path(out_dir))
+    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
+    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
+        return False
+    config = load_checkpoint(out_dir)["config"]
+    return int(config.get("ensemble", 1)) <= 1 and all(str(config.get(k)) == str(v) for k, v in flags.items())
+
+
 def run_stage(script, out_dir, flags):
     """python script --out_dir out_dir --flag value .. (the script found next to study.py) in a child process,
     unless out_dir already holds a finished run with these flags. Its wall-clock seconds and the machine's
@@ -83,14 +97,17 @@ def run_stages(jobs, parallel=1):
             print(f"reusing {out_dir} (finished with the same flags)")
             continue
         # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
+        resume = interrupted(out_dir, flags)
         command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
-                   *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
+                   *[a for k, v in flags.items() for a in (f"--{k}", str(v))], *(["--resume", "True"] if resume else [])]
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(os.path.join(out_dir, RECORD)):
             os.remove(os.path.join(out_dir, RECORD))  # the run below replaces the one it described
-        print(f"running {script} -> {out_dir} (output in {os.path.join(out_dir, 'stdout.log')})", flush=True)
+        print(f"{'resuming (it was stopped before its end)' if resume else 'running'} {script} -> {out_dir} "
+              f"(output in {os.path.join(out_dir, 'stdout.log')})", flush=True)
         todo.append((script, out_dir, flags, command))
-    logs = [open(os.path.join(out_dir, "stdout.log"), "w") for _, out_dir, _, _ in todo]
+    # a resumed run's output goes after the stopped one's
+    logs = [open(os.path.join(out_dir, "stdout.log"), "a" if "--resume" in c else "w") for _, out_dir, _, c in todo]
     try:  # signals reach every child; each is waited for
         results = run_children([c for *_, c in todo], logs, parallel,
                                env={**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None)

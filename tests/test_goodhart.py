@@ -130,3 +130,35 @@ def test_a_run_is_reused_only_with_its_record_flags_and_no_newer_upstream(tmp_pa
     with pytest.raises(SystemExit, match="no_such_script.py failed"):
         studies.run_stage("no_such_script.py", str(out), {"lr": 0.1})
     assert studies.stage_record(str(out)) is None  # the earlier run it described is being replaced
+
+
+def test_a_study_continues_a_stopped_run_with_resume_and_starts_others_over(tmp_path):
+    """A stage stopped before its end (an RM without its normaliser, no record) is continued with --resume when
+    its checkpoint has the stage's flags; other flags, a record, a newer upstream or an ensemble start over."""
+    import os
+    from nanorlhf import studies
+    from nanorlhf.checkpoint import save_checkpoint
+    out, sft = tmp_path / "rm", tmp_path / "sft"
+    save_checkpoint(str(sft), {"stage": "sft", "model": {}, "model_config": {}, "step": 1, "tokenizer": {},
+                               "config": {}})
+    save_checkpoint(str(out), {"stage": "rm", "model": {}, "model_config": {}, "step": 46, "tokenizer": {},
+                               "config": {"lr": 0.1, "sft_dir": str(sft), "ensemble": 1}})  # no "gain": stopped
+    os.utime(sft / "ckpt.pt", (1, 1))
+    flags = {"lr": 0.1, "sft_dir": str(sft)}
+    assert not studies.finished(str(out), flags) and studies.interrupted(str(out), flags)
+    assert not studies.interrupted(str(out), {**flags, "lr": 0.2})  # another run: start over
+    assert not studies.interrupted(str(tmp_path / "nothing"), flags)
+    with pytest.raises(SystemExit, match="--resume True"):  # the command run_stages ran continued it
+        studies.run_stage("no_such_script.py", str(out), flags)
+    with pytest.raises(SystemExit) as e:
+        studies.run_stage("no_such_script.py", str(out), {**flags, "lr": 0.2})
+    assert "--resume" not in str(e.value)
+    os.utime(sft / "ckpt.pt")  # the SFT model retrained after the stop: the stopped run is stale
+    assert not studies.interrupted(str(out), flags)
+    os.utime(sft / "ckpt.pt", (1, 1))
+    (out / studies.RECORD).write_text('{"flags": {}, "wall_s": 1}')  # finished once, with other flags
+    assert not studies.interrupted(str(out), flags)
+    (out / studies.RECORD).unlink()
+    save_checkpoint(str(out), {"stage": "rm", "model": {}, "model_config": {}, "step": 46, "tokenizer": {},
+                               "config": {"lr": 0.1, "sft_dir": str(sft), "ensemble": 3}})
+    assert not studies.interrupted(str(out), {**flags, "ensemble": 3})  # members are runs of their own
