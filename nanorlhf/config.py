@@ -28,7 +28,8 @@ PRESETS = {
         "dpo": dict(max_iters=4, batch_size=8),
         "eval": dict(n_prompts=8),
         "study": dict(iterations=3, eval_prompts=8, bon_max=4, bon_prompts=8),
-        "frontier": dict(iterations=2, eval_prompts=8, betas="0.1", grpo_kl_coefs="0.1", dpo_betas="0.1", bon="1,2"),
+        "frontier": dict(iterations=2, eval_prompts=8, select_prompts=8, betas="0.1", grpo_kl_coefs="0.1",
+                         dpo_betas="0.1", bon="1,2"),
     },
     "cpu": {
         "all": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=192, block_size=256, max_prompt_tokens=32,
@@ -58,7 +59,7 @@ PRESETS = {
                     value_lr=1e-4, init_kl_coef=0.1, save_every=10),
         "pg": dict(iterations=40, rollout_batch=256, group_size=4, n_minibatches=4, eval_prompts=512, sample_every=10,
                    lr=2e-5, save_every=10),
-        "frontier": dict(iterations=40, eval_prompts=512),
+        "frontier": dict(iterations=40, eval_prompts=512, select_prompts=512),
         "dpo": dict(max_iters=300, batch_size=64, lr=1e-5),
         "eval": dict(n_prompts=512),
         "study": dict(iterations=100, eval_prompts=512, bon_prompts=256),
@@ -283,15 +284,14 @@ class FrontierConfig(CommonConfig):
     bon: str = arg("2,4,16", "best-of-n from SFT for each n")
     iterations: int = arg(30, "iterations of every ppo / pg run (the same episodes for each)")
     eval_prompts: int = arg(128, "held-out prompts every method answers")
+    select_prompts: int = arg(128, "training prompts on which each method's strength is chosen by gold (0: none)")
     no_eos_penalty: float = arg(-1.0, "best-of-n ranks a response that never ended at this reward, as PPO does")
     parallel: int = arg(1, "training runs at a time; above 1 each gets one thread (a CPU's cores side by side)")
 
 
 def _str2bool(s):
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
+    if s.lower() in ("1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"):
+        return s.lower() in ("1", "true", "yes", "y", "on")
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 

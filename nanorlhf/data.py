@@ -331,3 +331,12 @@ def load_prompts(dataset, n_eval):
     train_stories, val_stories = train_val_stories(load_corpus(dataset))
     train_prompts = [split_prompt(s)[0] for s in train_stories]
     return train_prompts, [split_prompt(val_stories[i % len(val_stories)])[0] for i in range(n_eval)]
+
+
+def selection_prompts(dataset, n):
+    """n training prompts spread over the training stories: where a study chooses a setting (a KL strength) by
+    gold, so that the held-out prompts that then report it played no part in the choice."""
+    train, val_stories = train_val_stories(load_corpus(dataset))
+    held_out = {split_prompt(s)[0] for s in val_stories}  # a common first sentence can open stories of both
+    pool = [p for p in (split_prompt(s)[0] for s in train) if p not in held_out]
+    return [pool[i * len(pool) // n % len(pool)] for i in range(n)]

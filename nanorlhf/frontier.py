@@ -10,7 +10,9 @@ answers the same held-out prompts with the same random draws (as eval.py), and o
   frontier.png   held-out gold score against KL to SFT, one curve per method (as the DPO paper's IMDb figure)
   frontier.json  every point: gold (± s.e.), win rate vs SFT, KL, held-out LM loss (the alignment tax: its
   frontier.md    rise over SFT's), words, distinct-2, wall-clock of the run, and the machine's load
-Runs are subprocesses into out_dir/<method>_<value>; a run finished with the same flags is reused.
+Which strength is each method's? The one with the highest gold on --select_prompts training prompts (circled in
+the plot, listed last in frontier.md): chosen there, so that the held-out numbers that report it are not chosen
+on themselves. Runs are subprocesses into out_dir/<method>_<value>; a run finished with the same flags is reused.
 """
 import dataclasses
 import json
@@ -22,7 +24,7 @@ import torch
 
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_checkpoint, load_model, load_policy
 from nanorlhf.config import CommonConfig, FrontierConfig, parse_config, print_config
-from nanorlhf.data import load_prompts
+from nanorlhf.data import load_prompts, selection_prompts
 from nanorlhf.evaluate import best_of_n_kl, evaluate_best_of_n, evaluate_policy, heldout_lm_loss
 from nanorlhf import studies
 from nanorlhf.runtime import setup_runtime
@@ -64,9 +66,11 @@ def training_runs(cfg, common, sft_dir, rm_dir, methods):
     return [(*run, (studies.stage_record(run[3]) or {}).get("wall_s")) for run in runs]
 
 
-def point(method, knob, value, row, lm_loss, lm_sft, wall_s, source):
-    """One row of the table from an evaluation row (means and standard errors)."""
+def point(method, knob, value, row, lm_loss, lm_sft, wall_s, source, select_row=None):
+    """One row of the table from an evaluation row (means and standard errors) and, where a strength is chosen,
+    the evaluation row of the same policy on the selection prompts."""
     return {"method": method, "knob": knob, "value": value, "source": source, "gold": row["gold"][0],
+            "select_gold": select_row["gold"][0] if select_row else None,
             "gold_se": row["gold"][1], "win_rate": row["win_rate"][0] if "win_rate" in row else 0.5,
             "kl": row["kl"][0], "kl_analytic": bool(row.get("kl_analytic")), "lm_loss": lm_loss,
             "alignment_tax": lm_loss - lm_sft, "length": row["length"][0], "distinct2": row["distinct2"],
@@ -86,14 +90,19 @@ def evaluate_all(cfg, rt, sft_dir, rm_dir, runs, methods):
     prompts = load_prompts(cfg.dataset, cfg.eval_prompts)[1]  # the held-out prompts train_ppo.py evaluates on
     draws = lambda: torch.Generator(rt.device).manual_seed(cfg.seed + 1)  # noqa: E731 (the same for every method)
     sft_row, sft_samples = evaluate_policy(reference, reference, rm, gain, bias, enc, prompts, cfg, rt, draws())
+    # the training prompts each method's strength is chosen on: the held-out ones only report the choice
+    select = selection_prompts(cfg.dataset, cfg.select_prompts) if cfg.select_prompts else []
+
+    def on_select(policy):
+        return evaluate_policy(policy, reference, rm, gain, bias, enc, select, cfg, rt, draws())[0] if select else None
     lm_sft = heldout_lm_loss(reference, enc, cfg.dataset, rt)
-    points = [point("sft", "", 0, sft_row, lm_sft, lm_sft, 0.0, sft_dir)]
+    points = [point("sft", "", 0, sft_row, lm_sft, lm_sft, 0.0, sft_dir, on_select(reference))]
     for method, knob, value, out, wall in runs:
         policy = load_policy(out, rt.device, tokenizer_of=sft_ckpt)[0].eval()
         row, _ = evaluate_policy(policy, reference, rm, gain, bias, enc, prompts, cfg, rt, draws(),
                                  baseline_gold=sft_samples["gold"])
         points.append(point(method, knob, value, row, heldout_lm_loss(policy, enc, cfg.dataset, rt), lm_sft, wall,
-                            out))
+                            out, on_select(policy)))
         print(f"{method} {knob} {value:g}: gold {row['gold'][0]:.3f} | KL {row['kl'][0]:.2f} | "
               f"win {row['win_rate'][0]:.3f}", flush=True)
     if "bon" in methods:  # samples of the SFT policy itself: no training, no alignment tax
@@ -101,9 +110,22 @@ def evaluate_all(cfg, rt, sft_dir, rm_dir, runs, methods):
             t0 = time.time()
             row, _ = evaluate_best_of_n(reference, rm, gain, bias, enc, prompts, n, cfg, rt, draws(),
                                         baseline_gold=sft_samples["gold"])
-            points.append(point("bon", "n", n, row, lm_sft, lm_sft, time.time() - t0, f"{sft_dir} x {n}"))
+            wall = time.time() - t0
+            chosen_on = evaluate_best_of_n(reference, rm, gain, bias, enc, select, n, cfg, rt, draws())[0] \
+                if select else None
+            points.append(point("bon", "n", n, row, lm_sft, lm_sft, wall, f"{sft_dir} x {n}", chosen_on))
             print(f"best-of-{n}: gold {row['gold'][0]:.3f} | KL {best_of_n_kl(n):.2f} (analytic)", flush=True)
     return points
+
+
+def chosen(points):
+    """Each method at the strength with the highest gold on the selection prompts (none without them)."""
+    best = {}
+    for p in points[1:]:
+        known = best.get(p["method"])
+        if p["select_gold"] is not None and (known is None or p["select_gold"] > known["select_gold"]):
+            best[p["method"]] = p
+    return list(best.values())
 
 
 def markdown(points, cfg):
@@ -117,6 +139,13 @@ def markdown(points, cfg):
                      f"{p['win_rate']:.3f} | {kl} | {p['lm_loss']:.3f} ({p['alignment_tax']:+.3f}) | "
                      f"{p['length']:.1f} | {p['distinct2']:.3f} | "
                      f"{'—' if p['wall_s'] is None else format(p['wall_s'], '.0f')} |")
+    if chosen(points):
+        lines += ["", f"Each method at the strength with the highest gold on {cfg.select_prompts} training prompts "
+                  f"(SFT there: {points[0]['select_gold']:.3f}), reported on the held-out prompts:", "",
+                  "| method | chosen | gold on the selection prompts | held-out gold ± s.e. | win vs SFT | KL to SFT |",
+                  "|" + "---|" * 6]
+        lines += [f"| {p['method']} | {p['knob']} {p['value']:g} | {p['select_gold']:.3f} | {p['gold']:.3f} ± "
+                  f"{p['gold_se']:.3f} | {p['win_rate']:.3f} | {p['kl']:.2f} |" for p in chosen(points)]
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +158,10 @@ def plot(points, path, cfg):
                     marker="o", capsize=3, label=method)
         for p in pts:
             ax.annotate(f"{p['value']:g}", (p["kl"], p["gold"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    picked = chosen(points)
+    if picked:
+        ax.scatter([p["kl"] for p in picked], [p["gold"] for p in picked], s=160, facecolors="none",
+                   edgecolors="black", label="chosen on training prompts")
     ax.axhline(sft["gold"], color="gray", linestyle="--", label="SFT")
     ax.set_xlabel("KL to SFT (nats per response; best-of-n: log n - (n-1)/n)")
     ax.set_ylabel("held-out gold score")
@@ -167,7 +200,8 @@ def main(argv):
     with open(os.path.join(cfg.out_dir, "frontier.json"), "w") as f:
         json.dump({"settings": {k: getattr(cfg, k) for k in ("preset", "sft_dir", "rm_dir", "methods", "betas",
                                                               "grpo_kl_coefs", "dpo_betas", "bon", "iterations",
-                                                              "eval_prompts", "seed")},
+                                                              "eval_prompts", "select_prompts", "seed")},
+                   "chosen": [{k: p[k] for k in ("method", "knob", "value")} for p in chosen(points)],
                    "rm_rater_bias": load_checkpoint(rm_dir, "rm")["config"].get("rater_bias", ""),
                    "total_s": time.time() - t0, "load_at_end": load, "cpu_count": os.cpu_count(),
                    "points": points}, f, indent=1)

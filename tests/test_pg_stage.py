@@ -119,6 +119,27 @@ def test_frontier_runs_each_method_then_reuses_the_runs(stages, tmp_path):
     for p in points:
         assert {"gold", "kl", "alignment_tax", "length", "distinct2", "wall_s", "win_rate"} <= set(p)
     assert all(p["wall_s"] > 0 for p in points[1:4])
+    # every point was also judged on training prompts, where each method's strength is chosen
+    assert all(isinstance(p["select_gold"], float) for p in points) and points[0]["select_gold"] != sft["gold"]
+    with open(os.path.join(out, "frontier.json")) as f:
+        assert [c["method"] for c in json.load(f)["chosen"]] == ["rloo", "grpo", "dpo", "bon"]
     assert os.path.exists(os.path.join(out, "frontier.png")) and os.path.exists(os.path.join(out, "frontier.md"))
     again = run(*args)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3
+
+
+def test_frontier_chooses_each_strength_on_the_selection_prompts_not_the_held_out_ones():
+    """chosen(): per method the point with the highest gold on the selection prompts, whatever its held-out gold;
+    and the selection prompts are training prompts, none of them a held-out one."""
+    from nanorlhf.data import load_prompts, selection_prompts
+    from nanorlhf.frontier import chosen
+    pts = [{"method": "sft", "value": 0, "gold": 0.0, "select_gold": 0.0}]
+    pts += [{"method": m, "value": v, "gold": g, "select_gold": s} for m, v, g, s in
+            [("ppo", 0.03, 0.3, 0.1), ("ppo", 0.1, 0.1, 0.2), ("ppo", 0.3, -0.1, 0.15), ("bon", 4, 0.0, -0.2),
+             ("bon", 16, 0.1, 0.05)]]
+    assert [(p["method"], p["value"]) for p in chosen(pts)] == [("ppo", 0.1), ("bon", 16)]
+    assert chosen([{**p, "select_gold": None} for p in pts]) == []  # no selection prompts: no choice
+    train, held_out = load_prompts("sample", 128)
+    select = selection_prompts("sample", 128)
+    assert len(select) == 128 and set(select) <= set(train) and not set(select) & set(held_out)
+    assert len(set(select)) > 80 and select[-1] not in train[:128]  # spread over the training stories
