@@ -15,7 +15,7 @@ import numpy as np
 from nanorlhf.ensemble import MONITORS, first_warning
 from nanorlhf.evaluate import peak_vs_final
 from nanorlhf.metrics import read_metrics
-from nanorlhf.studies import final_eval, plt, save_figure, save_json
+from nanorlhf.studies import final_eval, finished, plt, save_figure, save_json
 
 REWARDS = ("", "mean", "mean_std", "min")  # "" is member 0 alone: one reward model
 
@@ -61,13 +61,25 @@ def print_run(name, c):
           f"warned: {warned or 'none'}")
 
 
+def prefs_of(cfg, bias, raters):
+    """The preference pairs of the overoptimization study's RM for this bias (out_dir/rm_<bias>, finished, from
+    the same SFT model, raters and preset): the ensemble learns from them instead of sampling and labelling its
+    own (on the cpu preset that saves ~25 minutes per ensemble). "" when there are none to reuse."""
+    rm_dir = os.path.join(cfg.out_dir, f"rm_{bias}")
+    path = os.path.join(rm_dir, "prefs.jsonl")
+    same = {**raters, "preset": cfg.preset, "seed": cfg.seed, "dataset": cfg.dataset}
+    return path if os.path.exists(path) and finished(rm_dir, same) else ""
+
+
 def run(cfg, sft_dir, run_stages, biases, smooth=5, patience=3):
     """cfg: the StudyConfig; run_stages([(script, out_dir, flags)]) runs stages with the study's common flags,
     --parallel at a time: first every ensemble, then every PPO run."""
     biased = [b for b in biases if b != "none"]
     rm_dirs = {b: os.path.join(cfg.out_dir, f"guard_rm_{b}_k{cfg.ensemble}") for b in biased + ["none"]}
-    run_stages([("train_rm.py", rm_dir, dict(sft_dir=sft_dir, rater_bias="" if b == "none" else b,
-                                             rater_bias_weight=cfg.rater_bias_weight, ensemble=cfg.ensemble))
+    raters = {b: dict(sft_dir=sft_dir, rater_bias="" if b == "none" else b, rater_bias_weight=cfg.rater_bias_weight)
+              for b in rm_dirs}
+    run_stages([("train_rm.py", rm_dir, dict(raters[b], ensemble=cfg.ensemble,
+                                             **({"prefs": p} if (p := prefs_of(cfg, b, raters[b])) else {})))
                 for b, rm_dir in rm_dirs.items()])
     ppo = dict(sft_dir=sft_dir, iterations=cfg.iterations, eval_prompts=cfg.eval_prompts, monitor_patience=patience)
     runs = {(b, label(how)): os.path.join(cfg.out_dir, f"guard_ppo_{b}_{label(how)}_kl{cfg.kl_coef:g}_"

@@ -235,3 +235,26 @@ def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
     lone, lone_all = ensemble_reward(members[:1], batch, scores, ended,
                                      SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
     assert torch.equal(lone, scores) and torch.equal(lone_all, scores[None])
+
+
+def test_the_guard_study_reuses_the_preference_pairs_of_the_overoptimization_rm_only_when_they_match(tmp_path):
+    """An ensemble on the biased raters learns from out_dir/rm_<bias>/prefs.jsonl when that RM finished with the
+    same SFT model, raters and preset; another bias weight, an unfinished RM or no such RM: its own pairs."""
+    from types import SimpleNamespace
+    from nanorlhf.checkpoint import save_checkpoint
+    from nanorlhf.ensemble_study import prefs_of
+    cfg = SimpleNamespace(out_dir=str(tmp_path), preset="cpu", seed=1337, dataset="sample")
+    raters = {"sft_dir": str(tmp_path / "sft"), "rater_bias": "length", "rater_bias_weight": 0.2}
+    rm = tmp_path / "rm_length"
+    config = {**raters, "preset": "cpu", "seed": 1337, "dataset": "sample", "ensemble": 1}
+    save_checkpoint(str(rm), {"stage": "rm", "model": {}, "model_config": {}, "step": 9, "tokenizer": {},
+                              "config": config, "gain": 1.0, "bias": 0.0})
+    assert prefs_of(cfg, "length", raters) == ""  # no pairs beside it
+    (rm / "prefs.jsonl").write_text("{}\n")
+    assert prefs_of(cfg, "length", raters) == str(rm / "prefs.jsonl")
+    assert prefs_of(cfg, "length", {**raters, "rater_bias_weight": 0.5}) == ""
+    assert prefs_of(cfg, "flowery", {**raters, "rater_bias": "flowery"}) == ""
+    assert prefs_of(SimpleNamespace(**{**vars(cfg), "preset": "tiny"}), "length", raters) == ""
+    save_checkpoint(str(rm), {"stage": "rm", "model": {}, "model_config": {}, "step": 9, "tokenizer": {},
+                              "config": config})  # stopped before its normaliser
+    assert prefs_of(cfg, "length", raters) == ""
