@@ -122,6 +122,30 @@ def random_models_and_prompts(cfg, rt, seed):
     return policy, reference, rm, prompt.masked_fill(prompt_mask == 0, eos), prompt_mask, eos, generator
 
 
+class Phases:
+    """The wall-clock of an iteration's phases, each ended by a device sync: times[name] in seconds."""
+
+    def __init__(self, device):
+        self.device, self.times, self.t = device, {}, time.perf_counter()
+
+    def end(self, name):
+        sync(self.device)
+        now = time.perf_counter()
+        self.times[name], self.t = now - self.t, now
+
+
+def time_iteration(iteration, warmup, rt, B, N, **extra):
+    """`warmup` untimed calls of iteration() -> (phase times, response tokens), then one timed: its phases,
+    their total, the rollout's tokens per second and the peak memory of that iteration alone."""
+    for _ in range(warmup):
+        iteration()
+    reset_peak_memory(rt.device)
+    times, response_tokens = iteration()
+    return {**times, **extra, "total_s": sum(times.values()), "rollout_batch": B, "max_new_tokens": N,
+            "response_tokens": response_tokens, "rollout_tokens_per_s": response_tokens / times["rollout_s"],
+            "dtype": str(rt.dtype), "peak_mem_gb": peak_memory_gb(rt.device)}
+
+
 def bench_pg(preset="gpu", device="cuda", dtype=torch.bfloat16, algo="grpo", warmup=1, seed=0):
     """Time one iteration of a critic-free method (train_pg.py's calls) at a preset's size, phase by phase as
     bench_ppo, with the same number of sampled responses (rollout_batch) and minibatch steps as PPO's
@@ -137,35 +161,23 @@ def bench_pg(preset="gpu", device="cuda", dtype=torch.bfloat16, algo="grpo", war
     baseline = RunningMeanBaseline(cfg.baseline_decay)
 
     def iteration():
-        times = {}
-        t = time.perf_counter()
+        phase = Phases(rt.device)
         batch = rollout(policy, prompt, prompt_mask, N, cfg.temperature, eos, rt, generator)
-        sync(rt.device)
-        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("rollout_s")
         scores, _ = score_responses(rm, 1.0, 0.0, batch, eos, cfg.no_eos_penalty, rt)
-        sync(rt.device)
-        times["score_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("score_s")
         first_order = torch.randperm(B, generator=generator, device=rt.device)
         batch["old_logprobs"], batch["ref_logprobs"], _ = old_and_reference_logprobs(
             policy, reference, None, batch, first_order, minibatch_size, cfg.temperature, rt)
         batch["advantages"], _ = pg_advantages(algo, scores, batch["old_logprobs"], batch["ref_logprobs"],
                                                batch["mask"], cfg.group_size, cfg.kl_coef,
                                                kl_estimator_of(algo, cfg.kl_estimator), baseline)
-        sync(rt.device)
-        times["ref_value_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("ref_value_s")
         pg_update(policy, policy_opt, batch, first_order, minibatch_size, cfg, rt, generator, guard, 0)
-        sync(rt.device)
-        times["learn_s"] = time.perf_counter() - t
-        return times, int(batch["mask"].sum())
+        phase.end("learn_s")
+        return phase.times, int(batch["mask"].sum())
 
-    for _ in range(warmup):
-        iteration()
-    reset_peak_memory(rt.device)
-    times, response_tokens = iteration()
-    total = sum(times.values())
-    return {**times, "algo": algo, "total_s": total, "rollout_batch": B, "max_new_tokens": N,
-            "response_tokens": response_tokens, "rollout_tokens_per_s": response_tokens / times["rollout_s"],
-            "dtype": str(rt.dtype), "compile": False, "peak_mem_gb": peak_memory_gb(rt.device)}
+    return time_iteration(iteration, warmup, rt, B, N, algo=algo, compile=False)
 
 
 def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, warmup=None, seed=0,
@@ -195,33 +207,21 @@ def bench_ppo(preset="gpu", device="cuda", dtype=torch.bfloat16, compile=False, 
     guard = NonFiniteGuard(cfg.max_bad_steps, "", {"lr": cfg.lr}, rt.dtype)  # reads the loss each step, as training
 
     def iteration():
-        times = {}
-        t = time.perf_counter()
+        phase = Phases(rt.device)
         batch = rollout(policy, prompt, prompt_mask, N, cfg.temperature, eos, rt, generator, decode_step)
-        sync(rt.device)
-        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("rollout_s")
         scores, _ = score_responses(rm, 1.0, 0.0, batch, eos, cfg.no_eos_penalty, rt)
-        sync(rt.device)
-        times["score_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("score_s")
         first_order = torch.randperm(B, generator=generator, device=rt.device)
         batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"] = old_and_reference_logprobs(
             policy_train, reference, value_train, batch, first_order, minibatch_size, cfg.temperature, rt)
         batch["advantages"], batch["returns"] = advantages(scores, batch["old_logprobs"], batch["ref_logprobs"],
                                                            batch["old_values"], batch["mask"], cfg.init_kl_coef,
                                                            cfg.gamma, cfg.lam, rt)
-        sync(rt.device)
-        times["ref_value_s"], t = time.perf_counter() - t, time.perf_counter()
+        phase.end("ref_value_s")
         ppo_update(policy_train, value_train, policy_opt, value_opt, batch, first_order, minibatch_size, cfg, rt,
                    generator, guard, 0)
-        sync(rt.device)
-        times["learn_s"] = time.perf_counter() - t
-        return times, int(batch["mask"].sum())
+        phase.end("learn_s")
+        return phase.times, int(batch["mask"].sum())
 
-    for _ in range(warmup):
-        iteration()
-    reset_peak_memory(rt.device)
-    times, response_tokens = iteration()
-    total = sum(times.values())
-    return {**times, "total_s": total, "rollout_batch": B, "max_new_tokens": N, "response_tokens": response_tokens,
-            "rollout_tokens_per_s": response_tokens / times["rollout_s"], "dtype": str(rt.dtype), "compile": compile,
-            "peak_mem_gb": peak_memory_gb(rt.device)}
+    return time_iteration(iteration, warmup, rt, B, N, compile=compile)
