@@ -314,7 +314,7 @@ def rounds():
 
 
 def guard():
-    ensemble_study.run(cfg, sft(), run_stages, biases, smooth=SMOOTH)
+    ensemble_study.run(cfg, sft(), run_stages, biases, lambda bias: {**common, **rm_job(bias)[2]}, smooth=SMOOTH)
 
 
 {"overoptimization": overoptimization, "beta_sweep": beta_sweep, "rounds": rounds, "guard": guard}[study]()

@@ -129,6 +129,7 @@ class Phases:
         self.device, self.times, self.t = device, {}, time.perf_counter()
 
     def end(self, name):
+        assert name not in self.times, f"phase {name} timed twice"
         sync(self.device)
         now = time.perf_counter()
         self.times[name], self.t = now - self.t, now
@@ -136,7 +137,8 @@ class Phases:
 
 def time_iteration(iteration, warmup, rt, B, N, **extra):
     """`warmup` untimed calls of iteration() -> (phase times, response tokens), then one timed: its phases,
-    their total, the rollout's tokens per second and the peak memory of that iteration alone."""
+    their total, the rollout's tokens per second and the peak memory (on a GPU that of the timed iteration; on a
+    CPU the process's peak so far, which no reset lowers: bench.py runs each method in a fresh process)."""
     for _ in range(warmup):
         iteration()
     reset_peak_memory(rt.device)

@@ -61,25 +61,26 @@ def print_run(name, c):
           f"warned: {warned or 'none'}")
 
 
-def prefs_of(cfg, bias, raters):
-    """The preference pairs of the overoptimization study's RM for this bias (out_dir/rm_<bias>, finished, from
-    the same SFT model, raters and preset): the ensemble learns from them instead of sampling and labelling its
-    own (on the cpu preset that saves ~25 minutes per ensemble). "" when there are none to reuse."""
+def prefs_of(cfg, bias, rm_flags):
+    """The preference pairs of the overoptimization study's RM for this bias (out_dir/rm_<bias>), when that RM
+    finished with the very flags the overoptimization study gives it now (rm_flags(bias): the same SFT model,
+    raters and preset): the ensemble learns from them instead of sampling and labelling its own (on the cpu
+    preset that saves ~25 minutes per ensemble). "" when there are none to reuse."""
     rm_dir = os.path.join(cfg.out_dir, f"rm_{bias}")
     path = os.path.join(rm_dir, "prefs.jsonl")
-    same = {**raters, "preset": cfg.preset, "seed": cfg.seed, "dataset": cfg.dataset}
-    return path if os.path.exists(path) and finished(rm_dir, same) else ""
+    return path if os.path.exists(path) and finished(rm_dir, rm_flags(bias)) else ""
 
 
-def run(cfg, sft_dir, run_stages, biases, smooth=5, patience=3):
+def run(cfg, sft_dir, run_stages, biases, rm_flags, smooth=5, patience=3):
     """cfg: the StudyConfig; run_stages([(script, out_dir, flags)]) runs stages with the study's common flags,
-    --parallel at a time: first every ensemble, then every PPO run."""
+    --parallel at a time: first every ensemble, then every PPO run. rm_flags(bias): the whole flags of the
+    overoptimization study's RM of that bias, whose pairs an ensemble reuses (prefs_of)."""
     biased = [b for b in biases if b != "none"]
     rm_dirs = {b: os.path.join(cfg.out_dir, f"guard_rm_{b}_k{cfg.ensemble}") for b in biased + ["none"]}
     raters = {b: dict(sft_dir=sft_dir, rater_bias="" if b == "none" else b, rater_bias_weight=cfg.rater_bias_weight)
               for b in rm_dirs}
     run_stages([("train_rm.py", rm_dir, dict(raters[b], ensemble=cfg.ensemble,
-                                             **({"prefs": p} if (p := prefs_of(cfg, b, raters[b])) else {})))
+                                             **({"prefs": p} if (p := prefs_of(cfg, b, rm_flags)) else {})))
                 for b, rm_dir in rm_dirs.items()])
     ppo = dict(sft_dir=sft_dir, iterations=cfg.iterations, eval_prompts=cfg.eval_prompts, monitor_patience=patience)
     runs = {(b, label(how)): os.path.join(cfg.out_dir, f"guard_ppo_{b}_{label(how)}_kl{cfg.kl_coef:g}_"

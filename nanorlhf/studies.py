@@ -1,8 +1,10 @@
 """The machinery behind study.py: running a training script as a child stage (reused when a finished run
 with the same flags is already there), writing JSON and figures, and the studies' plots."""
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 
 import matplotlib
@@ -36,17 +38,22 @@ def stage_record(out_dir):
         return json.load(f)
 
 
+def stale(out_dir, flags):
+    """A file the run in out_dir was made from (the checkpoints and preference pairs its flags name) was
+    written after its checkpoint: the run is of an older upstream."""
+    made = os.path.getmtime(ckpt_path(out_dir))
+    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
+    upstream += [flags[k] for k in ("extra_prefs", "prefs") if flags.get(k)]
+    return any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream)
+
+
 def finished(out_dir, flags):
     """out_dir holds a run made with these flags that got to its end, after the runs it was made from: an
     upstream run retrained since makes it stale. Judged from its checkpoint (its config, and what a finished
     run of its stage holds) and, where run_stage made it, from its record (the flags, and no later write)."""
-    if not os.path.exists(ckpt_path(out_dir)):
+    if not os.path.exists(ckpt_path(out_dir)) or stale(out_dir, flags):
         return False
     made = os.path.getmtime(ckpt_path(out_dir))
-    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
-    upstream += [flags["extra_prefs"]] if flags.get("extra_prefs") else []
-    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
-        return False
     record = stage_record(out_dir)
     if record is not None and (record["flags"] != {k: str(v) for k, v in flags.items()}
                                or os.path.getmtime(os.path.join(out_dir, RECORD)) < made):
@@ -65,18 +72,41 @@ def finished(out_dir, flags):
     return all(str(ckpt["config"].get(k)) == str(v) for k, v in flags.items())
 
 
-def interrupted(out_dir, flags):
-    """out_dir holds a run with these flags that was stopped before its end (Ctrl-C, SIGTERM, a session's time
-    limit) and saved a checkpoint to go on from: run_stages continues it with --resume instead of starting over.
-    Not an ensemble (its members are child runs of their own), and not a run older than what it was made from."""
-    if not os.path.exists(ckpt_path(out_dir)) or stage_record(out_dir) is not None or finished(out_dir, flags):
+FAILED = "stage_failed.json"  # written by run_stages when a child failed (not stopped by a signal): no resume
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
+
+
+def child_config(script, flags):
+    """The whole config `script --flag value ..` builds (defaults < preset < flags), as strings; None for a
+    script that is not a training stage or flags it refuses."""
+    from nanorlhf import config as c
+    stages = {"train_sft.py": (c.SFTConfig, "sft"), "train_rm.py": (c.RMConfig, "rm"),
+              "train_ppo.py": (c.PPOConfig, "ppo"), "train_pg.py": (c.PGConfig, "pg"),
+              "train_dpo.py": (c.DPOConfig, "dpo")}
+    if script not in stages:
+        return None
+    cls, stage = stages[script]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    try:
+        typed = {k: (str(v).lower() in ("1", "true") if types.get(k) in (bool, "bool") else v)
+                 for k, v in flags.items()}
+        return {k: str(v) for k, v in dataclasses.asdict(c.make_config(cls, stage, **typed)).items()}
+    except (ValueError, TypeError):
+        return None
+
+
+def interrupted(script, out_dir, flags):
+    """out_dir holds a run of `script` that was stopped before its end (Ctrl-C, SIGTERM, a kill at a session's
+    time limit) and saved a checkpoint to go on from, made with the very config these flags build: run_stages
+    continues it with --resume instead of starting over. Not a run that failed (run_stages marks those), not an
+    ensemble (its members are runs of their own), not a run older than what it was made from."""
+    if not os.path.exists(ckpt_path(out_dir)) or stage_record(out_dir) is not None \
+            or os.path.exists(os.path.join(out_dir, FAILED)) or stale(out_dir, flags) or finished(out_dir, flags):
         return False
-    made = os.path.getmtime(ckpt_path(out_dir))
-    upstream = [ckpt_path(flags[k]) for k in ("sft_dir", "rm_dir", "init_policy", "policy_dir") if flags.get(k)]
-    if any(os.path.exists(p) and os.path.getmtime(p) > made for p in upstream):
+    saved, wanted = load_checkpoint(out_dir)["config"], child_config(script, flags)
+    if wanted is None or int(saved.get("ensemble", 1)) > 1:
         return False
-    config = load_checkpoint(out_dir)["config"]
-    return int(config.get("ensemble", 1)) <= 1 and all(str(config.get(k)) == str(v) for k, v in flags.items())
+    return all(str(saved.get(k)) == v for k, v in wanted.items() if k not in ("out_dir", "resume"))
 
 
 def run_stage(script, out_dir, flags):
@@ -97,12 +127,13 @@ def run_stages(jobs, parallel=1):
             print(f"reusing {out_dir} (finished with the same flags)")
             continue
         # the script found next to this one; run in the caller's directory, where relative paths (out_dir) point
-        resume = interrupted(out_dir, flags)
+        resume = interrupted(script, out_dir, flags)
         command = [sys.executable, os.path.join(REPO, script), "--out_dir", out_dir,
                    *[a for k, v in flags.items() for a in (f"--{k}", str(v))], *(["--resume", "True"] if resume else [])]
         os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(os.path.join(out_dir, RECORD)):
-            os.remove(os.path.join(out_dir, RECORD))  # the run below replaces the one it described
+        for name in (RECORD, FAILED):  # the run below replaces the one they described
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
         print(f"{'resuming (it was stopped before its end)' if resume else 'running'} {script} -> {out_dir} "
               f"(output in {os.path.join(out_dir, 'stdout.log')})", flush=True)
         todo.append((script, out_dir, flags, command))
@@ -115,6 +146,8 @@ def run_stages(jobs, parallel=1):
         for log in logs:
             log.close()
     for (script, out_dir, flags, command), (code, wall) in zip(todo, results):
+        if code not in (0, None) and code not in STOPPED:  # a crash or a guard's stop: the next study starts over
+            save_json(os.path.join(out_dir, FAILED), {"exit": code, "wall_s": wall})
         if code == 0:
             save_json(os.path.join(out_dir, RECORD), {"flags": {k: str(v) for k, v in flags.items()},
                                                      "wall_s": wall, "load": os.getloadavg()[0]})

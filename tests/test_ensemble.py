@@ -238,23 +238,27 @@ def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
 
 
 def test_the_guard_study_reuses_the_preference_pairs_of_the_overoptimization_rm_only_when_they_match(tmp_path):
-    """An ensemble on the biased raters learns from out_dir/rm_<bias>/prefs.jsonl when that RM finished with the
-    same SFT model, raters and preset; another bias weight, an unfinished RM or no such RM: its own pairs."""
+    """An ensemble learns from out_dir/rm_<bias>/prefs.jsonl when that RM finished with the very flags the
+    overoptimization study gives it (its record, as run_stages writes it); other flags (a bias weight, a common
+    flag), an unfinished RM or none: its own pairs."""
+    import json
     from types import SimpleNamespace
+    from nanorlhf import studies
     from nanorlhf.checkpoint import save_checkpoint
     from nanorlhf.ensemble_study import prefs_of
-    cfg = SimpleNamespace(out_dir=str(tmp_path), preset="cpu", seed=1337, dataset="sample")
-    raters = {"sft_dir": str(tmp_path / "sft"), "rater_bias": "length", "rater_bias_weight": 0.2}
+    cfg = SimpleNamespace(out_dir=str(tmp_path))
+    made = {"preset": "cpu", "max_new_tokens": 224, "sft_dir": str(tmp_path / "sft"), "rater_bias": "length",
+            "rater_bias_weight": 0.2}
     rm = tmp_path / "rm_length"
-    config = {**raters, "preset": "cpu", "seed": 1337, "dataset": "sample", "ensemble": 1}
     save_checkpoint(str(rm), {"stage": "rm", "model": {}, "model_config": {}, "step": 9, "tokenizer": {},
-                              "config": config, "gain": 1.0, "bias": 0.0})
-    assert prefs_of(cfg, "length", raters) == ""  # no pairs beside it
+                              "config": made, "gain": 1.0, "bias": 0.0})
+    (rm / studies.RECORD).write_text(json.dumps({"flags": {k: str(v) for k, v in made.items()}, "wall_s": 1}))
+    assert prefs_of(cfg, "length", lambda bias: made) == ""  # no pairs beside it
     (rm / "prefs.jsonl").write_text("{}\n")
-    assert prefs_of(cfg, "length", raters) == str(rm / "prefs.jsonl")
-    assert prefs_of(cfg, "length", {**raters, "rater_bias_weight": 0.5}) == ""
-    assert prefs_of(cfg, "flowery", {**raters, "rater_bias": "flowery"}) == ""
-    assert prefs_of(SimpleNamespace(**{**vars(cfg), "preset": "tiny"}), "length", raters) == ""
+    assert prefs_of(cfg, "length", lambda bias: made) == str(rm / "prefs.jsonl")
+    assert prefs_of(cfg, "length", lambda bias: {**made, "rater_bias_weight": 0.5}) == ""
+    assert prefs_of(cfg, "length", lambda bias: {**made, "max_new_tokens": 96}) == ""  # a common flag differs
+    assert prefs_of(cfg, "flowery", lambda bias: {**made, "rater_bias": bias}) == ""  # no rm_flowery
     save_checkpoint(str(rm), {"stage": "rm", "model": {}, "model_config": {}, "step": 9, "tokenizer": {},
-                              "config": config})  # stopped before its normaliser
-    assert prefs_of(cfg, "length", raters) == ""
+                              "config": made})  # stopped before its normaliser
+    assert prefs_of(cfg, "length", lambda bias: made) == ""

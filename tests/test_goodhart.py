@@ -134,31 +134,44 @@ def test_a_run_is_reused_only_with_its_record_flags_and_no_newer_upstream(tmp_pa
 
 def test_a_study_continues_a_stopped_run_with_resume_and_starts_others_over(tmp_path):
     """A stage stopped before its end (an RM without its normaliser, no record) is continued with --resume when
-    its checkpoint has the stage's flags; other flags, a record, a newer upstream or an ensemble start over."""
+    its checkpoint holds the whole config the stage's flags build; other flags, a changed preset value, a run
+    that failed, a record, a newer upstream or an ensemble start over."""
+    import dataclasses
     import os
     from nanorlhf import studies
     from nanorlhf.checkpoint import save_checkpoint
+    from nanorlhf.config import RMConfig, make_config
     out, sft = tmp_path / "rm", tmp_path / "sft"
     save_checkpoint(str(sft), {"stage": "sft", "model": {}, "model_config": {}, "step": 1, "tokenizer": {},
                                "config": {}})
-    save_checkpoint(str(out), {"stage": "rm", "model": {}, "model_config": {}, "step": 46, "tokenizer": {},
-                               "config": {"lr": 0.1, "sft_dir": str(sft), "ensemble": 1}})  # no "gain": stopped
+    flags = {"preset": "tiny", "sft_dir": str(sft), "lr": 0.1}
+
+    def stopped_rm(**changed):  # the checkpoint a stopped train_rm.py leaves: no "gain"
+        config = {**dataclasses.asdict(make_config(RMConfig, "rm", **flags)), **changed}
+        save_checkpoint(str(out), {"stage": "rm", "model": {}, "model_config": {}, "step": 46, "tokenizer": {},
+                                   "config": config})
+    stopped_rm()
     os.utime(sft / "ckpt.pt", (1, 1))
-    flags = {"lr": 0.1, "sft_dir": str(sft)}
-    assert not studies.finished(str(out), flags) and studies.interrupted(str(out), flags)
-    assert not studies.interrupted(str(out), {**flags, "lr": 0.2})  # another run: start over
-    assert not studies.interrupted(str(tmp_path / "nothing"), flags)
-    with pytest.raises(SystemExit, match="--resume True"):  # the command run_stages ran continued it
-        studies.run_stage("no_such_script.py", str(out), flags)
+    assert not studies.finished(str(out), flags) and studies.interrupted("train_rm.py", str(out), flags)
+    assert not studies.interrupted("train_rm.py", str(out), {**flags, "lr": 0.2})  # another run: start over
+    assert not studies.interrupted("train_rm.py", str(tmp_path / "nothing"), flags)
+    assert not studies.interrupted("no_such_script.py", str(out), flags)
+    stopped_rm(n_prompts=33)  # made when the preset said 33 prompts: the same flags build another run now
+    assert not studies.interrupted("train_rm.py", str(out), flags)
+    stopped_rm()
+    with pytest.raises(SystemExit, match="--resume True"):  # run_stages continued it (and it fails: no real SFT)
+        studies.run_stage("train_rm.py", str(out), flags)
+    assert os.path.exists(out / studies.FAILED)  # a run that failed is not continued by the next study
+    assert not studies.interrupted("train_rm.py", str(out), flags)
     with pytest.raises(SystemExit) as e:
-        studies.run_stage("no_such_script.py", str(out), {**flags, "lr": 0.2})
+        studies.run_stage("train_rm.py", str(out), flags)
     assert "--resume" not in str(e.value)
+    (out / studies.FAILED).unlink()
     os.utime(sft / "ckpt.pt")  # the SFT model retrained after the stop: the stopped run is stale
-    assert not studies.interrupted(str(out), flags)
+    assert not studies.interrupted("train_rm.py", str(out), flags)
     os.utime(sft / "ckpt.pt", (1, 1))
     (out / studies.RECORD).write_text('{"flags": {}, "wall_s": 1}')  # finished once, with other flags
-    assert not studies.interrupted(str(out), flags)
+    assert not studies.interrupted("train_rm.py", str(out), flags)
     (out / studies.RECORD).unlink()
-    save_checkpoint(str(out), {"stage": "rm", "model": {}, "model_config": {}, "step": 46, "tokenizer": {},
-                               "config": {"lr": 0.1, "sft_dir": str(sft), "ensemble": 3}})
-    assert not studies.interrupted(str(out), {**flags, "ensemble": 3})  # members are runs of their own
+    stopped_rm(ensemble=3)
+    assert not studies.interrupted("train_rm.py", str(out), {**flags, "ensemble": 3})  # members are runs of their own
