@@ -78,6 +78,10 @@ def point(method, knob, value, row, lm_loss, lm_sft, wall_s, source, select_row=
             "ended": row["ended"], "wall_s": wall_s}
 
 
+def on_select_text(p):
+    return "" if p["select_gold"] is None else f" | gold on the selection prompts {p['select_gold']:.3f}"
+
+
 def evaluate_all(cfg, rt, sft_dir, rm_dir, runs, methods):
     """Every trained policy, best-of-n and SFT on the same held-out prompts with the same draws -> points."""
     try:
@@ -105,7 +109,7 @@ def evaluate_all(cfg, rt, sft_dir, rm_dir, runs, methods):
         points.append(point(method, knob, value, row, heldout_lm_loss(policy, enc, cfg.dataset, rt), lm_sft, wall,
                             out, on_select(policy)))
         print(f"{method} {knob} {value:g}: gold {row['gold'][0]:.3f} | KL {row['kl'][0]:.2f} | "
-              f"win {row['win_rate'][0]:.3f}", flush=True)
+              f"win {row['win_rate'][0]:.3f}{on_select_text(points[-1])}", flush=True)
     if "bon" in methods:  # samples of the SFT policy itself: no training, no alignment tax
         for n in numbers(cfg.bon, int):
             t0 = time.time()
@@ -115,7 +119,8 @@ def evaluate_all(cfg, rt, sft_dir, rm_dir, runs, methods):
             chosen_on = evaluate_best_of_n(reference, rm, gain, bias, enc, select, n, cfg, rt, draws())[0] \
                 if select else None
             points.append(point("bon", "n", n, row, lm_sft, lm_sft, wall, f"{sft_dir} x {n}", chosen_on))
-            print(f"best-of-{n}: gold {row['gold'][0]:.3f} | KL {best_of_n_kl(n):.2f} (analytic)", flush=True)
+            print(f"best-of-{n}: gold {row['gold'][0]:.3f} | KL {best_of_n_kl(n):.2f} (analytic)"
+                  f"{on_select_text(points[-1])}", flush=True)
     return points
 
 
