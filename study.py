@@ -254,7 +254,8 @@ def beta_sweep():
             print(f"bias {bias} | beta {beta:g} | held-out gold {e['eval_gold_ppo']:.3f} "
                   f"± {e['eval_gold_ppo_se']:.3f} "
                   f"(SFT {e['eval_gold_sft']:.3f}) | KL {e['eval_kl']:.2f} | reward {e['eval_reward_ppo']:.3f} | "
-                  f"win rate {e['eval_win_rate']:.3f}")
+                  f"win rate {e['eval_win_rate']:.3f} | words {e['eval_length_ppo']:.0f} | distinct-2 "
+                  f"{e['eval_distinct2_ppo']:.3f} | RM-gold agreement {e['eval_rm_gold_acc_ppo']:.3f}")
     save_json(os.path.join(cfg.out_dir, "beta_sweep.json"), {"iterations": cfg.iterations, "points": points})
     plot_beta_sweep(points, biases, cfg.iterations, os.path.join(cfg.out_dir, "beta_sweep.png"))
 
