@@ -146,7 +146,7 @@ class RMConfig(CommonConfig):
     k_responses: int = arg(4, "responses per prompt; k > 2 is a ranking -> k(k-1)/2 weighted pairs")
     n_raters: int = arg(5, "simulated raters in the pool")
     rater_noise_low: float = arg(0.02,
-                                 "the most careful rater's noise (pool agreement ~73%, as InstructGPT's labelers)")
+                                 "the most careful rater's noise (pool agreement 0.88 on cpu SFT pairs)")
     rater_noise_high: float = arg(0.2, "the noisiest rater's noise")
     rater_bias: str = arg("", "\"\" | length | flowery | sycophancy: a hidden taste the raters share")
     rater_bias_weight: float = arg(0.2, "how strong that taste is (gold has std ~0.35 on the corpus's continuations)")
