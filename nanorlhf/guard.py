@@ -175,10 +175,12 @@ def run_child(command, **kwargs):
             signal.signal(s, handler)
 
 
-def run_children(commands, logs, parallel, env=None):
+def run_children(commands, logs, parallel, env=None, on_exit=None):
     """run_child for several commands, at most `parallel` at a time, each writing to its open log file:
-    SIGINT, SIGTERM and SIGHUP reach every running child, and after one no new child starts.
-    -> [(exit code, wall-clock seconds)] in the order of commands; (None, 0.0) for one never started."""
+    SIGINT, SIGTERM and SIGHUP reach every running child, and after one no new child starts. on_exit(i, code,
+    wall_s), where given, is called as soon as child i exits, so that what it finished is recorded even if the
+    batch is stopped later. -> [(exit code, wall-clock seconds)] in the order of commands; (None, 0.0) for one
+    never started."""
     env = {**(env or os.environ), PARENT_ENV: str(os.getpid())}
     pending, running, done, stop = list(range(len(commands))), {}, [(None, 0.0)] * len(commands), []
 
@@ -197,6 +199,8 @@ def run_children(commands, logs, parallel, env=None):
                 if child.poll() is not None:
                     done[i] = (child.returncode, time.time() - t0)
                     del running[i]
+                    if on_exit is not None:
+                        on_exit(i, *done[i])
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():

@@ -139,19 +139,20 @@ def run_stages(jobs, parallel=1):
         todo.append((script, out_dir, flags, command))
     # a resumed run's output goes after the stopped one's
     logs = [open(os.path.join(out_dir, "stdout.log"), "a" if "--resume" in c else "w") for _, out_dir, _, c in todo]
-    try:  # signals reach every child; each is waited for
-        results = run_children([c for *_, c in todo], logs, parallel,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None)
-    finally:
-        for log in logs:
-            log.close()
-    for (script, out_dir, flags, command), (code, wall) in zip(todo, results):
+    def record(i, code, wall):  # as each child exits, not after the batch: a study stopped later keeps it
+        script, out_dir, flags, command = todo[i]
         if code not in (0, None) and code not in STOPPED:  # a crash or a guard's stop: the next study starts over
             save_json(os.path.join(out_dir, FAILED), {"exit": code, "wall_s": wall})
         if code == 0:
             save_json(os.path.join(out_dir, RECORD), {"flags": {k: str(v) for k, v in flags.items()},
                                                      "wall_s": wall, "load": os.getloadavg()[0]})
             print(f"  {out_dir} done in {wall:.0f} s", flush=True)
+    try:  # signals reach every child; each is waited for
+        results = run_children([c for *_, c in todo], logs, parallel,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"} if parallel > 1 else None, on_exit=record)
+    finally:
+        for log in logs:
+            log.close()
     for (script, out_dir, flags, command), (code, wall) in zip(todo, results):
         if code is None:
             raise SystemExit(f"stopped by a signal before {script} -> {out_dir} started; rerun the study to go on")

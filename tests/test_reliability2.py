@@ -420,6 +420,39 @@ def test_6_parallel_stages_run_at_most_n_at_once_and_a_signal_reaches_every_runn
     assert not any(os.path.exists(n + ".start") for n in names[2:])
 
 
+def test_6_a_study_killed_mid_batch_keeps_the_record_of_each_run_that_finished(tmp_path):
+    """run_stages records a run (stage_run.json) as soon as its child exits 0, not when the whole batch ends: a
+    study killed while a second run is still going (SIGKILL, where no handler runs) keeps the first run's record, so
+    the next study can tell that run finished."""
+    quick, slow = tmp_path / "quick.py", tmp_path / "slow.py"
+    quick.write_text("print('quick done')\n")
+    slow.write_text("import os, sys, time\nopen(sys.argv[-1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    parent = ("import sys\nfrom nanorlhf.studies import run_stages\n"
+              "run_stages([(sys.argv[1], sys.argv[3], {}), (sys.argv[2], sys.argv[4], {'pid': sys.argv[5]})], 2)\n")
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    pid_file = str(tmp_path / "slow.pid")
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(quick), str(slow), *dirs, pid_file], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    record = os.path.join(dirs[0], "stage_run.json")
+    try:
+        deadline = time.time() + 30
+        while not (os.path.exists(record) and os.path.exists(pid_file)) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: the batch's end never comes
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if os.path.exists(pid_file) and open(pid_file).read().strip():
+            try:
+                os.kill(int(open(pid_file).read()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert os.path.exists(record), out  # the quick run finished while the slow one ran: recorded then
+    with open(record) as f:
+        assert json.load(f)["wall_s"] >= 0
+    assert "quick done" in open(os.path.join(dirs[0], "stdout.log")).read()
+    assert not os.path.exists(os.path.join(dirs[1], "stage_run.json"))  # the killed one is not recorded
+
+
 def test_6_a_child_stage_stops_when_its_parent_is_killed_with_sigkill(tmp_path):
     """No handler runs on SIGKILL, so the parent cannot pass it on: the kernel sends the child SIGTERM when
     its parent dies (setup_runtime sets PR_SET_PDEATHSIG in a stage run_child started), and the child stops
