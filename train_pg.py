@@ -21,6 +21,7 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.config import PGConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
+from nanorlhf.ensemble import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
 from nanorlhf.distributed import finish_ddp
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
@@ -29,13 +30,14 @@ from nanorlhf.pg import RunningMeanBaseline
 from nanorlhf.pg_step import group_prompts, kl_estimator_of, pg_advantages, pg_update
 from nanorlhf.ppo_step import batch_sizes, iteration_metrics, old_and_reference_logprobs, rollout, rollout_kl, \
     score_responses
-from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, setup_runtime, start_loop, \
-    stop_if_diverged, train_missing_stages
+from nanorlhf.runtime import end_loop, end_step, for_training, make_guard, restore, save_step, setup_runtime, \
+    start_loop, stop_if_diverged, train_missing_stages
 
 cfg = parse_config(PGConfig, "pg", description=__doc__)
 rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
+require_ensemble(cfg)  # --reward_ensemble: refused here, not after training a missing RM that is not an ensemble
 train_missing_stages(cfg, rt, ("sft", "rm"))
 
 # ---------------------------------------------------------------- models: policy, reference, reward (no value model)
@@ -44,6 +46,8 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "pg", policy.config)  # None without --resume
+    # the RM's ensemble members ([rm] alone) and the monitors of reward hacking that read no gold (as PPO's)
+    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device)
 except CheckpointError as e:
     raise SystemExit(str(e))
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
@@ -61,6 +65,8 @@ if ckpt is not None:  # the policy and its optimizer, the baseline, the prompt o
     start = restore(ckpt, rt, guard, {"model": policy, "optimizer": policy_opt, "baseline": running_baseline},
                     generator, unit="iteration")
     data_rng.bit_generator.state = ckpt["data_rng"]
+    if "monitors" in ckpt:  # their series so far: a resumed run warns when one unbroken run would
+        monitors.load_state_dict(ckpt["monitors"])
     if rt.rank > 0:
         generator.manual_seed(cfg.seed + rt.rank + 1000 * start)
     set_lr(policy_opt, cfg.lr)
@@ -83,11 +89,12 @@ def save(iteration):
         "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"], "step": iteration,
         "optimizer": policy_opt.state_dict(), "scaler": rt.scaler.state_dict() if rt.scaler else {},
         "baseline": running_baseline.state_dict(), "rng": rng_state(generator),
-        "data_rng": data_rng.bit_generator.state})
+        "data_rng": data_rng.bit_generator.state, "monitors": monitors.state_dict()})
 
 
 # ---------------------------------------------------------------- the loop
 run = start_loop(cfg, rt, guard, start, resumed=ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
+stopper = StopOnMonitor(cfg.stop_on_monitor, start, policy)  # keeps the last clear policy
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: k responses for each prompt of this rank's share; a group's k rows side by side
@@ -99,7 +106,8 @@ for iteration in range(start, cfg.iterations):
                         generator)
     t1 = time.time()
     # 2. score: the normalised RM reward, a penalty where the response never ended (as PPO)
-    scores, ended = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt)
+    scores, ended, raw = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt, raw=True)
+    scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt, raw)  # and each member's (K, B)
     # 3. old and reference logprobs, in the order of the first epoch's minibatches (no value model)
     first_order = torch.randperm(per_rank, generator=generator, device=rt.device)
     batch["old_logprobs"], batch["ref_logprobs"], _ = old_and_reference_logprobs(
@@ -108,6 +116,7 @@ for iteration in range(start, cfg.iterations):
     batch["advantages"], _ = pg_advantages(cfg.algo, scores, batch["old_logprobs"], batch["ref_logprobs"],
                                             batch["mask"], k, cfg.kl_coef, estimator, running_baseline)
     t2 = time.time()
+    stopper.before_update()  # the weights that sampled this batch, kept if no monitor is past its threshold
     # 5. update: epochs of shuffled minibatches of the clipped loss (+ the KL term for grpo and drgrpo)
     stats = pg_update(policy_train, policy_opt, batch, first_order, minibatch_size, cfg, rt, generator, guard,
                       iteration + 1)
@@ -118,12 +127,20 @@ for iteration in range(start, cfg.iterations):
     metrics, gold = iteration_metrics(batch, scores, ended, prompts, texts, rollout_kl(batch, rt), cfg.kl_coef,
                                       stats, rt)
     metrics.update(adv_std=float(batch["advantages"].std()), t_rollout=t1 - t0, t_score=t2 - t1, t_learn=t3 - t2)
+    values, warned = watch(monitors, iteration + 1, all_scores, scores, batch, texts, rt)  # no gold read
+    metrics.update(values)
+    stop = stopper.after_observe(iteration, monitors, warned)  # --stop_on_monitor: back to the last clear policy
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}
                        for p, t, s, g in list(zip(prompts, texts, scores.tolist(), gold))[:3]])
     last = iteration + 1 == cfg.iterations
     end_step(run, iteration + 1, metrics, save, log_due=(iteration + 1) % cfg.log_every == 0 or last,
              save_due=(iteration + 1) % cfg.save_every == 0 or last)
+    if stop:  # the last policy no monitor was past its threshold on is back in place: save it, evaluate it
+        save_step(run, save, stopper.stopped)
+        if rt.is_main:
+            print(stopper.line(iteration + 1, warned, cfg.out_dir), flush=True)
+        break
 end_loop(run)
 
 # ---------------------------------------------------------------- final evaluation on held-out prompts
@@ -131,7 +148,7 @@ if rt.is_main:
     policy.eval()
     name = {"reinforce": "REINFORCE", "rloo": "RLOO", "grpo": "GRPO", "drgrpo": "DrGRPO"}[cfg.algo]
     results = compare_to_reference(name, policy, reference, rm, gain, bias, enc, eval_prompts, cfg, rt)
-    run.log.log(cfg.iterations, **results)
+    run.log.log(cfg.iterations if stopper.stopped is None else stopper.stopped, **results)
     plot_metrics(run.log.path, [["reward", "gold"], ["kl"], ["resp_len"]], os.path.join(cfg.out_dir, "pg.png"),
                  f"{name}: proxy reward vs gold score, KL to the reference, length")
     print(f"saved {cfg.out_dir}/ckpt.pt, metrics.jsonl, pg.png")

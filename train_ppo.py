@@ -20,8 +20,8 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
-from nanorlhf.distributed import all_reduce_mean, finish_ddp
-from nanorlhf.ensemble import ensemble_reward, ppo_monitors, snapshot
+from nanorlhf.distributed import finish_ddp
+from nanorlhf.ensemble import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
@@ -36,6 +36,7 @@ cfg = parse_config(PPOConfig, "ppo", description=__doc__)
 rt = setup_runtime(cfg, writes=True)  # out_dir/.lock: one run per folder
 if rt.is_main:
     print_config(cfg)
+require_ensemble(cfg)  # --reward_ensemble: refused here, not after training a missing RM that is not an ensemble
 train_missing_stages(cfg, rt, ("sft", "rm"))
 
 # ---------------------------------------------------------------- models: policy, reference, reward, value
@@ -68,6 +69,8 @@ if ckpt is not None:  # both models and optimizers, beta, the prompt order, the 
                                       "value_optimizer": value_opt}, generator, unit="iteration")
     kl_ctl.value = float(ckpt["kl_ctl"]["value"])  # beta as it was; its target and horizon as asked for now
     data_rng.bit_generator.state = ckpt["data_rng"]
+    if "monitors" in ckpt:  # their series so far: a resumed run warns when one unbroken run would
+        monitors.load_state_dict(ckpt["monitors"])
     if rt.rank > 0:  # the checkpoint holds rank 0's generator: the other ranks draw their own rollouts
         generator.manual_seed(cfg.seed + rt.rank + 1000 * start)
     set_lr(policy_opt, cfg.lr), set_lr(value_opt, cfg.value_lr)  # the rates asked for now, not the saved ones
@@ -91,12 +94,13 @@ def save(iteration):
         "value_model": value_model.state_dict(), "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"],
         "step": iteration, "optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict(),
         "scaler": rt.scaler.state_dict() if rt.scaler else {},
-        "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(generator), "data_rng": data_rng.bit_generator.state})
+        "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(generator), "data_rng": data_rng.bit_generator.state,
+        "monitors": monitors.state_dict()})
 
 
 # ---------------------------------------------------------------- the PPO loop
 run = start_loop(cfg, rt, guard, start, resumed=ckpt is not None)  # metrics log, Ctrl-C: finish, save, exit
-good, stopped = (start, snapshot(policy, value_model)) if cfg.stop_on_monitor else None, None  # last clear policy
+stopper = StopOnMonitor(cfg.stop_on_monitor, start, policy, value_model)  # keeps the last clear policy
 for iteration in range(start, cfg.iterations):
     t0 = time.time()
     # 1. rollout: a response for each prompt of this rank's slice of the batch
@@ -109,8 +113,8 @@ for iteration in range(start, cfg.iterations):
                         generator, decode_step)
     t1 = time.time()
     # 2. score: the normalised RM reward at the last real token, a penalty where the response never ended
-    scores, ended = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt)
-    scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt)  # and each member's (K, B)
+    scores, ended, raw = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt, raw=True)
+    scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt, raw)  # and each member's (K, B)
     # 3. old and reference logprobs and old values, in the order of the first PPO epoch's minibatches
     first_order = torch.randperm(per_rank, generator=generator, device=rt.device)
     batch["old_logprobs"], batch["ref_logprobs"], batch["old_values"] = old_and_reference_logprobs(
@@ -120,8 +124,7 @@ for iteration in range(start, cfg.iterations):
                                                        batch["old_values"], batch["mask"], kl_ctl.value, cfg.gamma,
                                                        cfg.lam, rt)
     t2 = time.time()
-    if cfg.stop_on_monitor:  # the weights that sampled this batch, kept if no monitor is past its threshold
-        before = snapshot(policy, value_model)
+    stopper.before_update()  # the weights that sampled this batch, kept if no monitor is past its threshold
     # 5. update: ppo_epochs passes of shuffled minibatches, clipped policy and value losses (+ the ptx term)
     stats = ppo_update(policy_train, value_train, policy_opt, value_opt, batch, first_order, minibatch_size, cfg,
                        rt, generator, guard, iteration + 1, ptx_loss)
@@ -134,27 +137,19 @@ for iteration in range(start, cfg.iterations):
              for r, m in zip(batch["response"].cpu(), batch["mask"].cpu())]
     metrics, gold = iteration_metrics(batch, scores, ended, prompts, texts, kl, kl_coef, stats, rt)
     metrics.update(t_rollout=t1 - t0, t_score=t2 - t1, t_learn=t3 - t2)
-    values, warned = monitors.observe(iteration + 1, all_scores, scores, batch["mask"].sum(1).float().cpu().numpy(),
-                                      texts, lambda v: float(all_reduce_mean(torch.tensor(v, device=rt.device), rt)))
+    values, warned = watch(monitors, iteration + 1, all_scores, scores, batch, texts, rt)  # no gold read
     metrics.update(values)
-    for name in warned if rt.is_main else ():
-        print(monitors.warning_line(name, iteration + 1, values[name]), flush=True)
-    if cfg.stop_on_monitor and monitors.clear():
-        good = (iteration, before)
+    stop = stopper.after_observe(iteration, monitors, warned)  # --stop_on_monitor: back to the last clear policy
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}
                        for p, t, s, g in list(zip(prompts, texts, scores.tolist(), gold))[:3]])
     last = iteration + 1 == cfg.iterations
     end_step(run, iteration + 1, metrics, save, log_due=(iteration + 1) % cfg.log_every == 0 or last,
              save_due=(iteration + 1) % cfg.save_every == 0 or last)
-    if cfg.stop_on_monitor and warned:  # keep the last policy no monitor was past its threshold on, and stop
-        stopped = good[0]
-        policy.load_state_dict(good[1][0]), value_model.load_state_dict(good[1][1])
-        save_step(run, save, stopped)
+    if stop:  # the last policy no monitor was past its threshold on is back in place: save it, evaluate it
+        save_step(run, save, stopper.stopped)
         if rt.is_main:
-            print(f"stopped by --stop_on_monitor at iteration {iteration + 1}: {', '.join(warned)} warned; kept the "
-                  f"policy after {stopped} updates, the last one whose samples no monitor was past its threshold "
-                  f"on (saved {cfg.out_dir}/ckpt.pt; its optimizer states are the latest ones)", flush=True)
+            print(stopper.line(iteration + 1, warned, cfg.out_dir), flush=True)
         break
 end_loop(run)
 
@@ -162,7 +157,7 @@ end_loop(run)
 if rt.is_main:
     policy.eval()
     results = compare_to_reference("PPO", policy, reference, rm, gain, bias, enc, eval_prompts, cfg, rt)
-    run.log.log(cfg.iterations if stopped is None else stopped, **results,
+    run.log.log(cfg.iterations if stopper.stopped is None else stopper.stopped, **results,
                 # detail 9, checked on the real run: the reference is bit-identical to the SFT checkpoint
                 # it was loaded from, and no model has an active dropout
                 reference_unchanged=all(torch.equal(p, q) for p, q in zip(

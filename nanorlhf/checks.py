@@ -15,14 +15,16 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 POSITIVE_INTS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "sample_batch", "log_every",
                  "max_bad_steps", "batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "sample_every",
                  "n_prompts", "k_responses", "n_raters", "epochs", "norm_samples", "eval_samples", "rollout_batch",
-                 "n_minibatches", "ppo_epochs", "group_size", "kl_horizon", "eval_prompts", "save_every", "bon_prompts")
+                 "n_minibatches", "ppo_epochs", "group_size", "kl_horizon", "eval_prompts", "save_every", "bon_prompts",
+                 "monitor_patience")
 # >= 0: none shown, no extra round, the whole corpus, PPO's final evaluation only (of --init_policy)
 COUNTS = ("n_samples", "rounds", "tokenizer_chars", "iterations")
 # Floats that must be > 0 (rates, scales, noise), lie in [0, 1] (discounts), or be >= 0 (0 switches them off).
 POSITIVE_FLOATS = ("lr", "value_lr", "temperature", "grad_clip", "beta", "rater_noise_low",
                    "rater_noise_high", "clip_range", "clip_range_value", "target_kl")
 UNIT_FLOATS = ("gamma", "lam", "baseline_decay")  # 0 <= x <= 1
-NON_NEGATIVE_FLOATS = ("min_lr", "weight_decay", "vf_coef", "init_kl_coef", "kl_coef", "ptx_coef")
+NON_NEGATIVE_FLOATS = ("min_lr", "weight_decay", "vf_coef", "init_kl_coef", "kl_coef", "ptx_coef",
+                       "ensemble_lambda")  # a negative lambda would reward the members' disagreement
 
 
 def _check_numbers(cfg):
@@ -103,8 +105,26 @@ def check_config(cfg):
         if cfg.rollout_batch % cfg.group_size or (cfg.algo != "reinforce" and cfg.group_size < 2):
             raise ValueError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of group_size "
                              f"({cfg.group_size}), and {cfg.algo} needs group_size >= 2 (a group to compare within)")
+    _check_ensemble(cfg)
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {cfg.compile_mode!r}: {' | '.join(COMPILE_MODES)}")
+
+
+def _check_ensemble(cfg):
+    """The reward-model ensemble's flags (docs/ensembles.md): sizes, the conservative reward's name, the monitors'
+    thresholds, so that none is found wrong after minutes of training."""
+    from nanorlhf.ensemble import AGGREGATES, parse_thresholds  # here: ensemble.py needs the checkpoint code
+    if hasattr(cfg, "member"):  # train_rm.py
+        if cfg.ensemble < 1 or cfg.member < 0:
+            raise ValueError(f"ensemble must be >= 1 (1: a lone RM; 3 is usual for an ensemble), got {cfg.ensemble}"
+                             if cfg.ensemble < 1 else f"member must be >= 0, got {cfg.member}")
+    elif hasattr(cfg, "ensemble") and cfg.ensemble < 2:  # study.py guard compares an ensemble's rewards
+        raise ValueError(f"ensemble must be >= 2 (the guard study compares the members' mean, mean - lambda std and "
+                         f"min; 3 is usual), got {cfg.ensemble}")
+    if getattr(cfg, "reward_ensemble", "") not in ("", *AGGREGATES):
+        raise ValueError(f"unknown reward_ensemble {cfg.reward_ensemble!r}: '' (member 0) | {' | '.join(AGGREGATES)}")
+    if hasattr(cfg, "monitor_thresholds"):
+        parse_thresholds(cfg.monitor_thresholds)
 
 
 # ---------------------------------------------------------------- memory, before the work

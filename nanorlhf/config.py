@@ -170,7 +170,17 @@ class RMConfig(CommonConfig):
 
 
 @dataclass
-class PPOConfig(CommonConfig):
+class MonitoredConfig(CommonConfig):
+    """The RL stages' reward-model ensemble guards and monitors of reward hacking (docs/ensembles.md)."""
+    reward_ensemble: str = arg("", "'' (member 0) | mean | mean_std | min of an RM ensemble (Coste et al. 2023)")
+    ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
+    monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
+    monitor_thresholds: str = arg("", "thresholds other than docs/ensembles.md's: disagreement_ratio=2,...")
+    stop_on_monitor: bool = arg(False, "at a monitor's warning: keep the last unflagged policy, evaluate it, exit 0")
+
+
+@dataclass
+class PPOConfig(MonitoredConfig):
     sft_dir: str = arg("out/sft", "policy and reference start here")
     rm_dir: str = arg("out/rm", "the reward model (value model starts from it)")
     iterations: int = arg(30, "rollout + learn cycles")
@@ -195,16 +205,11 @@ class PPOConfig(CommonConfig):
     save_every: int = arg(5, "checkpoint every N iterations")
     init_policy: str = arg("", "iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)")
     ptx_coef: float = arg(0.0, "PPO-ptx (Ouyang et al. 2022): + gamma x the LM loss on training stories; 0 = off")
-    reward_ensemble: str = arg("", "'' (member 0) | mean | mean_std | min of an RM ensemble (Coste et al. 2023)")
-    ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
-    monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
-    monitor_thresholds: str = arg("", "thresholds other than docs/ensembles.md's: disagreement_ratio=2,...")
-    stop_on_monitor: bool = arg(False, "at a monitor's warning: keep the last unflagged policy, evaluate it, exit 0")
 
 
 
 @dataclass
-class PGConfig(CommonConfig):
+class PGConfig(MonitoredConfig):
     sft_dir: str = arg("out/sft", "policy and reference start here")
     rm_dir: str = arg("out/rm", "the reward model")
     algo: str = arg("rloo", "reinforce | rloo | grpo | drgrpo (docs/pg.md)")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import CheckpointError, ckpt_path, load_model
+from nanorlhf.distributed import all_reduce_mean
 from nanorlhf.guard import run_child
 from nanorlhf.io import atomic_write
 from nanorlhf.reward import normalised_score, normalised_scores
@@ -114,6 +115,9 @@ def load_ensemble(rm_dir, device, tokenizer_of=None, member0=None):
                               f"ensemble was made; {fix}")
     info = torch.load(path, map_location="cpu", weights_only=True)
     for m in range(1, k):
+        if os.path.exists(ckpt_path(member_dir(rm_dir, m))) and \
+                os.path.getmtime(ckpt_path(member_dir(rm_dir, m))) > os.path.getmtime(path):
+            raise CheckpointError(f"ensemble member {m} in {rm_dir} was retrained after {path} was made; {fix}")
         model, _, member_ckpt = load_model(member_dir(rm_dir, m), "rm", device, tokenizer_of=tokenizer_of or ckpt,
                                            flag="--rm_dir")
         if member_ckpt.get("prefs_digest") != ckpt.get("prefs_digest"):
@@ -141,13 +145,16 @@ def sampled_member_scores(members, batches, rt):
     return torch.stack([normalised_scores(rm, gain, bias, batches, rt) for rm, gain, bias in members])
 
 
-def ensemble_reward(members, batch, scores, ended, cfg, rt):
-    """PPO's reward: scores (B,) from score_responses (member 0's, the no-EOS penalty where a response never
-    ended), unchanged unless cfg.reward_ensemble names a conservative reward; then that aggregate of the members'
-    scores where the response ended. -> the reward (B,) and the members' scores (K, B) (a lone RM: scores[None])."""
+def ensemble_reward(members, batch, scores, ended, cfg, rt, raw0=None):
+    """The RL stages' reward: scores (B,) from score_responses (member 0's, the no-EOS penalty where a response
+    never ended), unchanged unless cfg.reward_ensemble names a conservative reward; then that aggregate of the
+    members' scores where the response ended. raw0: member 0's scores before the penalty (score_responses with
+    raw=True), so that member 0 is not run twice. -> the reward (B,) and the members' scores (K, B) (a lone RM:
+    scores[None])."""
     if len(members) == 1:
         return scores, scores[None]
-    all_scores = member_scores(members, batch, rt)
+    first = member_scores(members[:1], batch, rt) if raw0 is None else raw0.float()[None]
+    all_scores = torch.cat([first, member_scores(members[1:], batch, rt)])
     if cfg.reward_ensemble:
         scores = torch.where(ended, aggregate(all_scores, cfg.reward_ensemble, cfg.ensemble_lambda), scores)
     return scores, all_scores
@@ -255,6 +262,18 @@ class Monitors:
                 warnings.append(name)
         return values, warnings
 
+    def state_dict(self):
+        """The series and warnings so far (saved in the run's checkpoint: a resumed run warns as one run would)."""
+        return {"series": {k: list(v) for k, v in self.series.items()}, "warned": dict(self.warned),
+                "cal_length": self.cal.get("length"), "cal_distinct2": self.cal.get("distinct2")}
+
+    def load_state_dict(self, state):
+        self.series = {name: list(state["series"].get(name, [])) for name in MONITORS}
+        self.warned = dict(state["warned"])
+        if state.get("cal_length") is not None:  # a baseline taken from the first iteration's samples
+            self.cal.setdefault("length", state["cal_length"])
+            self.cal.setdefault("distinct2", state["cal_distinct2"])
+
     def reward(self, scores):
         """The RM reward PPO optimises, from the members' scores (K, B): member 0's, or the ensemble's aggregate."""
         return aggregate(scores, self.how, self.lam) if self.how else scores[0]
@@ -272,35 +291,95 @@ class Monitors:
 
 
 def parse_thresholds(text):
-    """--monitor_thresholds "name=value,..." -> {name: value}, or a SystemExit that names the monitors."""
+    """--monitor_thresholds "name=value,..." -> {name: value}; a ValueError that names the monitors for anything
+    else (check_config calls this before the run starts)."""
     out = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         name, _, value = item.partition("=")
         try:
-            if name.strip() not in MONITORS:
+            if name.strip() not in MONITORS or not math.isfinite(float(value)):
                 raise ValueError
             out[name.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"--monitor_thresholds: {item!r} is not name=number with a name among "
+            raise ValueError(f"--monitor_thresholds: {item!r} is not name=number (a finite number) with a name among "
                              f"{', '.join(MONITORS)}") from None
     return out
 
 
+def require_ensemble(cfg):
+    """--reward_ensemble needs an ensemble in --rm_dir: refused before any missing stage is trained for the run."""
+    if not cfg.reward_ensemble:
+        return
+    fix = f"train one with `python train_rm.py --ensemble 3 --out_dir {cfg.rm_dir}`, or drop --reward_ensemble"
+    if not os.path.exists(ckpt_path(cfg.rm_dir)):
+        raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}, which "
+                         f"holds no reward model: {fix}")
+    saved = torch.load(ckpt_path(cfg.rm_dir), map_location="cpu", weights_only=True, mmap=True)
+    if int(saved.get("config", {}).get("ensemble", 1)) < 2:
+        raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}, which "
+                         f"holds a lone reward model: {fix}")
+
+
 def ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, device):
-    """train_ppo.py's ensemble members (a list of (model, gain, bias); [rm] for a lone RM) and its Monitors.
-    Raises CheckpointError for a broken ensemble, SystemExit for --reward_ensemble without one."""
+    """The RL stages' (train_ppo.py, train_pg.py) ensemble members (a list of (model, gain, bias); [rm] for a
+    lone RM) and Monitors. Raises CheckpointError for a broken ensemble, SystemExit for --reward_ensemble
+    without one. The flags themselves were checked with the config (checks.py)."""
     members, cal = load_ensemble(cfg.rm_dir, device, sft_ckpt, member0=(rm, rm_ckpt))
     if cfg.reward_ensemble and len(members) == 1:
         raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train "
                          f"one with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
-    aggregate(torch.zeros(2, 1), cfg.reward_ensemble or "mean")  # an unknown name stops here, not mid-run
+    if cfg.ensemble_lambda != 1.0 and cfg.reward_ensemble != "mean_std":
+        print(f"note: --ensemble_lambda {cfg.ensemble_lambda} is read only by --reward_ensemble mean_std; "
+              f"this run ignores it")
     return members, Monitors(cal, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience,
                              parse_thresholds(cfg.monitor_thresholds))
+
+
+def watch(monitors, iteration, all_scores, reward, batch, texts, rt):
+    """One iteration of the monitors in an RL stage: their values (averaged over the processes), a printed
+    warning for each that warns now. -> (values, the names that warned)."""
+    values, warned = monitors.observe(iteration, all_scores, reward, batch["mask"].sum(1).float().cpu().numpy(),
+                                      texts, lambda v: float(all_reduce_mean(torch.tensor(v, device=rt.device), rt)))
+    for name in warned if rt.is_main else ():
+        print(monitors.warning_line(name, iteration, values[name]), flush=True)
+    return values, warned
 
 
 def snapshot(*nets):
     """Copies of the nets' weights (--stop_on_monitor keeps the last policy no monitor was past)."""
     return [{k: v.detach().clone() for k, v in net.state_dict().items()} for net in nets]
+
+
+class StopOnMonitor:
+    """--stop_on_monitor: remember the weights that sampled the last batch no monitor was past its threshold on,
+    and at a warning put them back so the run saves and evaluates them. Off: every method does nothing."""
+
+    def __init__(self, on, start, *nets):
+        self.on, self.nets, self.stopped = on, nets, None
+        self.good = (start, snapshot(*nets)) if on else None  # (updates done, their weights)
+
+    def before_update(self):
+        """Call after the rollout, before the update: these weights sampled this iteration's batch."""
+        if self.on:
+            self.before = snapshot(*self.nets)
+
+    def after_observe(self, iteration, monitors, warned):
+        """-> True when the run must stop now (the nets then hold the last clear weights: self.stopped updates)."""
+        if not self.on:
+            return False
+        if monitors.clear():
+            self.good = (iteration, self.before)
+        if not warned:
+            return False
+        self.stopped = self.good[0]
+        for net, state in zip(self.nets, self.good[1]):
+            net.load_state_dict(state)
+        return True
+
+    def line(self, iteration, warned, out_dir):
+        return (f"stopped by --stop_on_monitor at iteration {iteration}: {', '.join(warned)} warned; kept the policy "
+                f"after {self.stopped} updates, the last one whose samples no monitor was past its threshold on "
+                f"(saved {out_dir}/ckpt.pt; its optimizer states are the latest ones)")
 
 
 def finish_ensemble(cfg, config_dict, member0, norm_sampled, rt, tokenizer_of):

@@ -61,16 +61,17 @@ def rollout(policy, prompt, prompt_mask, max_new_tokens, temperature, eos_id, rt
 
 
 @torch.no_grad()
-def score_responses(rm, gain, bias, batch, eos_id, no_eos_penalty, rt):
+def score_responses(rm, gain, bias, batch, eos_id, no_eos_penalty, rt, raw=False):
     """The normalised RM score at the last real token (B,); a response that never emitted <|endoftext|>
-    gets no_eos_penalty instead (details 1, 2, 10). Also returns `ended` (B,) bool."""
+    gets no_eos_penalty instead (details 1, 2, 10). Also returns `ended` (B,) bool, and with raw=True the
+    scores before the penalty (an ensemble's member 0, which the monitors read)."""
     response, mask = batch["response"], batch["mask"]
     with rt.autocast():
         last = last_token_index(mask)  # (B,), -1 for an empty response
         ended = (last >= 0) & (response.gather(1, last.clamp(min=0)[:, None]).squeeze(1) == eos_id)
-        scores = normalised_score(rm, gain, bias, batch["prompt"], batch["prompt_mask"], response, mask)
-        scores = torch.where(ended, scores, torch.full_like(scores, no_eos_penalty))
-    return scores, ended
+        raw_scores = normalised_score(rm, gain, bias, batch["prompt"], batch["prompt_mask"], response, mask)
+        scores = torch.where(ended, raw_scores, torch.full_like(raw_scores, no_eos_penalty))
+    return (scores, ended, raw_scores) if raw else (scores, ended)
 
 
 def minibatch(batch, rows):

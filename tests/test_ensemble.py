@@ -83,9 +83,68 @@ def test_threshold_flag_is_parsed_and_checked():
     assert parse_thresholds("disagreement_ratio=2, length_ratio=1.3") == {"disagreement_ratio": 2.0,
                                                                           "length_ratio": 1.3}
     assert parse_thresholds("") == {}
-    with pytest.raises(SystemExit, match="disagreement_ratio"):
-        parse_thresholds("disagreement=2")
+    for bad in ("disagreement=2", "length_ratio=nan", "length_ratio=inf", "length_ratio=", "length_ratio"):
+        with pytest.raises(ValueError, match="disagreement_ratio"):  # the message names the monitors
+            parse_thresholds(bad)
     assert set(MONITORS) == {"disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"}
+
+
+@pytest.mark.parametrize("cls,stage,flags,named", [
+    ("RMConfig", "rm", {"ensemble": 0}, "ensemble"), ("RMConfig", "rm", {"ensemble": -2}, "ensemble"),
+    ("RMConfig", "rm", {"member": -1}, "member"), ("StudyConfig", "study", {"ensemble": 1}, "ensemble"),
+    ("PPOConfig", "ppo", {"monitor_patience": 0}, "monitor_patience"),
+    ("PGConfig", "pg", {"monitor_patience": -1}, "monitor_patience"),
+    ("PPOConfig", "ppo", {"ensemble_lambda": -0.5}, "ensemble_lambda"),
+    ("PGConfig", "pg", {"reward_ensemble": "median"}, "reward_ensemble"),
+    ("PPOConfig", "ppo", {"reward_ensemble": "Min"}, "reward_ensemble"),
+    ("PGConfig", "pg", {"monitor_thresholds": "distinct2_ratio=nan"}, "monitor_thresholds"),
+    ("PPOConfig", "ppo", {"monitor_thresholds": "kl=3"}, "monitor_thresholds")])
+def test_ensemble_flags_that_cannot_work_are_refused_with_the_config(cls, stage, flags, named):
+    """Refused by make_config, before any stage is trained: a message that names the flag."""
+    from nanorlhf import config
+    with pytest.raises(ValueError, match=named):
+        config.make_config(getattr(config, cls), stage, **flags)
+
+
+def test_ensemble_flags_that_can_work_are_accepted():
+    from nanorlhf.config import PGConfig, PPOConfig, RMConfig, StudyConfig, make_config
+    for how in ("", "mean", "mean_std", "min"):
+        assert make_config(PGConfig, "pg", reward_ensemble=how, ensemble_lambda=0.0).reward_ensemble == how
+    assert make_config(PPOConfig, "ppo", monitor_patience=1, monitor_thresholds="length_ratio=1.5").monitor_patience == 1
+    assert make_config(RMConfig, "rm", ensemble=1).ensemble == 1 and make_config(StudyConfig, "study",
+                                                                                   ensemble=2).ensemble == 2
+
+
+def test_resumed_monitors_warn_when_one_unbroken_run_would():
+    """Monitors.state_dict goes into the RL checkpoints: a run stopped and resumed mid-streak warns at the same
+    iteration as a run that never stopped, and does not warn twice for one monitor."""
+    cal = {"length": 10.0, "distinct2": 1.0}
+    lengths = [10] + [13] * 10  # length_ratio 1.3 > 1.2 from iteration 2 on: warns at 4 (patience 3)
+    texts = ["a b c d"] * 4
+
+    def feed(mon, its):
+        return [it for it in its if mon.observe(it, torch.zeros(1, 4), torch.zeros(4), np.full(4, lengths[it - 1]),
+                                                texts)[1]]
+    whole = Monitors(cal, "", 1.0, 3)
+    assert feed(whole, range(1, 8)) == [4]
+    first = Monitors(cal, "", 1.0, 3)
+    assert feed(first, range(1, 4)) == []  # stopped at iteration 3, two iterations into the streak
+    resumed = Monitors(cal, "", 1.0, 3)
+    resumed.load_state_dict(torch.load(_roundtrip(first.state_dict()), weights_only=True))
+    assert feed(resumed, range(4, 8)) == [4]
+    fresh = Monitors(cal, "", 1.0, 3)  # without the saved state the warning would come late
+    assert feed(fresh, range(4, 8)) == [6]
+    again = Monitors(cal, "", 1.0, 3)
+    again.load_state_dict(whole.state_dict())
+    assert feed(again, range(8, 12)) == []  # warned once already
+
+
+def _roundtrip(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 # ---------------------------------------------------------------- tiny-preset runs
@@ -126,6 +185,19 @@ def test_an_ensemble_with_a_missing_member_is_refused(ensemble_dir, tmp_path):
     from nanorlhf.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="member_1"):
         load_ensemble(broken, "cpu")
+
+
+def test_an_ensemble_with_a_member_retrained_after_it_was_made_is_refused(ensemble_dir, tmp_path):
+    from nanorlhf.checkpoint import CheckpointError
+    stale = str(tmp_path / "rm")
+    shutil.copytree(ensemble_dir, stale)
+    made = os.path.getmtime(os.path.join(stale, "ensemble.pt"))
+    member = os.path.join(stale, "member_1", "ckpt.pt")
+    os.utime(member, (made + 60, made + 60))  # as if member 1 alone were trained again since
+    with pytest.raises(CheckpointError, match="member 1 .* retrained"):
+        load_ensemble(stale, "cpu")
+    os.utime(member, (made - 60, made - 60))
+    assert len(load_ensemble(stale, "cpu")[0]) == 2
 
 
 def ppo_metrics(out_dir):
@@ -174,6 +246,45 @@ def test_ppo_refuses_an_ensemble_reward_without_an_ensemble(sft_dir, ensemble_di
     result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", lone, "--out_dir",
                  str(tmp_path / "p"), "--reward_ensemble", "min")
     assert result.returncode != 0 and "train_rm.py --ensemble" in result.stderr
+
+
+def test_ensemble_reward_without_a_reward_model_is_refused_before_any_stage_is_trained(tmp_path):
+    """--reward_ensemble with no RM in --rm_dir: train_ppo.py (and train_pg.py) would otherwise train SFT and a
+    lone RM first, then refuse it. Refused at once; nothing trained."""
+    for script in ("train_ppo.py", "train_pg.py"):
+        sft, rm = str(tmp_path / script / "sft"), str(tmp_path / script / "rm")
+        result = run(script, "--preset", "tiny", "--sft_dir", sft, "--rm_dir", rm, "--out_dir",
+                     str(tmp_path / script / "out"), "--reward_ensemble", "min")
+        assert result.returncode != 0 and "train_rm.py --ensemble 3" in result.stderr, result.stderr[-500:]
+        assert not os.path.exists(sft) and not os.path.exists(rm)
+
+
+def test_critic_free_methods_use_the_ensemble_reward_and_log_the_monitors(sft_dir, ensemble_dir, tmp_path):
+    """train_pg.py reads the same flags as PPO: the members' min as its reward, the monitors in each line."""
+    out = str(tmp_path / "pg")
+    result = run("train_pg.py", "--preset", "tiny", "--algo", "rloo", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir,
+                 "--out_dir", out, "--reward_ensemble", "min", timeout=600)
+    check_ok(result)
+    steps = [r for r in ppo_metrics(out) if "gold" in r]
+    assert len(steps) == 2
+    for r in steps:
+        for key in ("disagreement", "disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"):
+            assert np.isfinite(r[key]), key
+    assert load_checkpoint(out, "pg")["monitors"]["series"]["length_ratio"] == [r["length_ratio"] for r in steps]
+
+
+def test_stop_on_monitor_in_a_critic_free_method_keeps_the_last_clear_policy(sft_dir, ensemble_dir, tmp_path):
+    out = str(tmp_path / "pg")
+    result = run("train_pg.py", "--preset", "tiny", "--algo", "grpo", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir,
+                 "--out_dir", out, "--iterations", "4", "--stop_on_monitor", "true", "--monitor_patience", "2",
+                 "--monitor_thresholds", "distinct2_ratio=2", timeout=600)
+    check_ok(result)
+    assert "MONITOR WARNING at iteration 2: distinct2_ratio" in result.stdout
+    assert "stopped by --stop_on_monitor at iteration 2" in result.stdout
+    assert [r["step"] for r in ppo_metrics(out) if "gold" in r] == [1, 2]
+    ckpt, sft = load_checkpoint(out, "pg"), load_checkpoint(sft_dir, "sft")
+    assert ckpt["step"] == 0 and all(torch.equal(ckpt["model"][k], sft["model"][k]) for k in sft["model"])
+    assert [r["step"] for r in ppo_metrics(out) if "eval_gold_pg" in r or "eval_win_rate" in r] == [0]
 
 
 def test_stop_on_monitor_keeps_the_last_clear_policy_and_exits_0(sft_dir, ensemble_dir, tmp_path):
@@ -232,6 +343,13 @@ def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
         r, _ = ensemble_reward(members, batch, scores, ended, SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5),
                                rt)
         assert torch.allclose(r[:3], aggregate(all_scores, how, 0.5)[:3]) and float(r[3]) == -1.0
+    # member 0's scores before the penalty, passed in (as the RL stages do) instead of run again: the same
+    _, _, raw = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt, raw=True)
+    for how in ("", "mean", "mean_std", "min"):
+        cfg = SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5)
+        r, passed = ensemble_reward(members, batch, scores, ended, cfg, rt, raw)
+        r_full, full = ensemble_reward(members, batch, scores, ended, cfg, rt)
+        assert torch.allclose(passed, full, atol=1e-6) and torch.allclose(r, r_full, atol=1e-6)
     lone, lone_all = ensemble_reward(members[:1], batch, scores, ended,
                                      SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
     assert torch.equal(lone, scores) and torch.equal(lone_all, scores[None])
