@@ -10,6 +10,7 @@ Each iteration: rollout_batch / k prompts, each sampled k times -> RM score -> o
 -> one advantage per response (reward minus a baseline: no value model) -> epochs of the clipped loss.
 The rollout, scoring and reference passes are PPO's (nanorlhf/ppo_step.py), the math nanorlhf/pg.py; the
 same rollout budget as PPO: rollout_batch responses an iteration. docs/pg.md explains the choices.
+The reward-hacking monitors and guards (--reward_ensemble, --stop_on_monitor) are PPO's: docs/ensembles.md.
 """
 import os
 import time
