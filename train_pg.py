@@ -22,7 +22,7 @@ import torch
 from nanorlhf.checkpoint import CheckpointError, load_model, load_resume, rng_state, save_checkpoint
 from nanorlhf.config import PGConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
-from nanorlhf.ensemble import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
+from nanorlhf.monitors import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
 from nanorlhf.distributed import finish_ddp
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
@@ -47,8 +47,7 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "pg", policy.config)  # None without --resume
-    # the RM's ensemble members ([rm] alone) and the monitors of reward hacking that read no gold (as PPO's)
-    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device)
+    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device, ckpt)  # RM members, gold-free monitors
 except CheckpointError as e:
     raise SystemExit(str(e))
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
@@ -66,8 +65,6 @@ if ckpt is not None:  # the policy and its optimizer, the baseline, the prompt o
     start = restore(ckpt, rt, guard, {"model": policy, "optimizer": policy_opt, "baseline": running_baseline},
                     generator, unit="iteration")
     data_rng.bit_generator.state = ckpt["data_rng"]
-    if "monitors" in ckpt:  # their series so far: a resumed run warns when one unbroken run would
-        monitors.load_state_dict(ckpt["monitors"])
     if rt.rank > 0:
         generator.manual_seed(cfg.seed + rt.rank + 1000 * start)
     set_lr(policy_opt, cfg.lr)

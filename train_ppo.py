@@ -21,7 +21,7 @@ from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, lo
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
 from nanorlhf.distributed import finish_ddp
-from nanorlhf.ensemble import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
+from nanorlhf.monitors import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
 from nanorlhf.optim import make_optimizer, set_lr
@@ -47,8 +47,7 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "ppo", policy.config)  # None without --resume
-    # the RM's ensemble members ([rm] alone) and the monitors of reward hacking that read no gold
-    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device)
+    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device, ckpt)  # RM members, gold-free monitors
 except CheckpointError as e:
     raise SystemExit(str(e))
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
@@ -69,8 +68,6 @@ if ckpt is not None:  # both models and optimizers, beta, the prompt order, the 
                                       "value_optimizer": value_opt}, generator, unit="iteration")
     kl_ctl.value = float(ckpt["kl_ctl"]["value"])  # beta as it was; its target and horizon as asked for now
     data_rng.bit_generator.state = ckpt["data_rng"]
-    if "monitors" in ckpt:  # their series so far: a resumed run warns when one unbroken run would
-        monitors.load_state_dict(ckpt["monitors"])
     if rt.rank > 0:  # the checkpoint holds rank 0's generator: the other ranks draw their own rollouts
         generator.manual_seed(cfg.seed + rt.rank + 1000 * start)
     set_lr(policy_opt, cfg.lr), set_lr(value_opt, cfg.value_lr)  # the rates asked for now, not the saved ones
@@ -93,9 +90,8 @@ def save(iteration):
         "stage": "ppo", "model": policy.state_dict(), "model_config": sft_ckpt["model_config"],
         "value_model": value_model.state_dict(), "config": asdict(cfg), "tokenizer": sft_ckpt["tokenizer"],
         "step": iteration, "optimizer": policy_opt.state_dict(), "value_optimizer": value_opt.state_dict(),
-        "scaler": rt.scaler.state_dict() if rt.scaler else {},
         "kl_ctl": kl_ctl.state_dict(), "rng": rng_state(generator), "data_rng": data_rng.bit_generator.state,
-        "monitors": monitors.state_dict()})
+        "scaler": rt.scaler.state_dict() if rt.scaler else {}, "monitors": monitors.state_dict()})
 
 
 # ---------------------------------------------------------------- the PPO loop

@@ -113,7 +113,8 @@ def check_config(cfg):
 def _check_ensemble(cfg):
     """The reward-model ensemble's flags (docs/ensembles.md): sizes, the conservative reward's name, the monitors'
     thresholds, so that none is found wrong after minutes of training."""
-    from nanorlhf.ensemble import AGGREGATES, parse_thresholds  # here: ensemble.py needs the checkpoint code
+    from nanorlhf.ensemble import AGGREGATES  # here: ensemble.py needs the checkpoint code
+    from nanorlhf.monitors import parse_thresholds
     if hasattr(cfg, "member"):  # train_rm.py
         if cfg.ensemble < 1 or cfg.member < 0:
             raise ValueError(f"ensemble must be >= 1 (1: a lone RM; 3 is usual for an ensemble), got {cfg.ensemble}"

@@ -170,8 +170,13 @@ class RMConfig(CommonConfig):
 
 
 @dataclass
-class MonitoredConfig(CommonConfig):
-    """The RL stages' reward-model ensemble guards and monitors of reward hacking (docs/ensembles.md)."""
+class RLConfig(CommonConfig):
+    """What train_ppo.py and train_pg.py share, and the reward-hacking guards and monitors (docs/ensembles.md)."""
+    grad_clip: float = arg(1.0, "clip the gradient norm at this")
+    no_eos_penalty: float = arg(-1.0, "RM score given to responses that never emit <|endoftext|>")
+    eval_prompts: int = arg(128, "held-out prompts for the final gold evaluation")
+    sample_every: int = arg(5, "print a table of samples every N iterations")
+    save_every: int = arg(5, "checkpoint every N iterations")
     reward_ensemble: str = arg("", "'' (member 0) | mean | mean_std | min of an RM ensemble (Coste et al. 2023)")
     ensemble_lambda: float = arg(1.0, "mean_std: the reward is mean - lambda * std of the members' scores")
     monitor_patience: int = arg(3, "a monitor warns after this many consecutive iterations past its threshold")
@@ -180,7 +185,7 @@ class MonitoredConfig(CommonConfig):
 
 
 @dataclass
-class PPOConfig(MonitoredConfig):
+class PPOConfig(RLConfig):
     sft_dir: str = arg("out/sft", "policy and reference start here")
     rm_dir: str = arg("out/rm", "the reward model (value model starts from it)")
     iterations: int = arg(30, "rollout + learn cycles")
@@ -189,7 +194,6 @@ class PPOConfig(MonitoredConfig):
     ppo_epochs: int = arg(4, "passes over each rollout batch (docs/design.md detail 7)")
     lr: float = arg(5e-5, "policy learning rate")
     value_lr: float = arg(1e-4, "value model learning rate")
-    grad_clip: float = arg(1.0, "clip the gradient norm at this")
     init_kl_coef: float = arg(0.1, "initial beta of the KL penalty")
     adaptive_kl: bool = arg(True, "adapt beta towards target_kl (Ziegler et al. 2019)")
     target_kl: float = arg(6.0, "nats per response")
@@ -199,17 +203,13 @@ class PPOConfig(MonitoredConfig):
     clip_range: float = arg(0.2, "PPO ratio clip")
     clip_range_value: float = arg(0.2, "value clip")
     vf_coef: float = arg(0.1, "value loss coefficient")
-    no_eos_penalty: float = arg(-1.0, "RM score given to responses that never emit <|endoftext|>")
-    eval_prompts: int = arg(128, "held-out prompts for the final gold evaluation")
-    sample_every: int = arg(5, "print a table of samples every N iterations")
-    save_every: int = arg(5, "checkpoint every N iterations")
     init_policy: str = arg("", "iterated RLHF: start the policy from this PPO checkpoint (the reference stays SFT)")
     ptx_coef: float = arg(0.0, "PPO-ptx (Ouyang et al. 2022): + gamma x the LM loss on training stories; 0 = off")
 
 
 
 @dataclass
-class PGConfig(MonitoredConfig):
+class PGConfig(RLConfig):
     sft_dir: str = arg("out/sft", "policy and reference start here")
     rm_dir: str = arg("out/rm", "the reward model")
     algo: str = arg("rloo", "reinforce | rloo | grpo | drgrpo (docs/pg.md)")
@@ -219,16 +219,11 @@ class PGConfig(MonitoredConfig):
     n_minibatches: int = arg(4, "minibatches per epoch")
     epochs: int = arg(4, "passes over each rollout batch (as PPO's ppo_epochs)")
     lr: float = arg(5e-5, "policy learning rate")
-    grad_clip: float = arg(1.0, "clip the gradient norm at this")
     kl_coef: float = arg(0.1, "beta: on the KL in the reward (reinforce, rloo) or on the KL term of the loss "
                               "(grpo, drgrpo)")
     kl_estimator: str = arg("auto", "auto (k1 in the reward, k3 in the loss) | k1 | k2 | k3 (Schulman 2020)")
     clip_range: float = arg(0.2, "ratio clip")
     baseline_decay: float = arg(0.9, "reinforce: decay of the running-mean baseline")
-    no_eos_penalty: float = arg(-1.0, "RM score given to responses that never emit <|endoftext|>")
-    eval_prompts: int = arg(128, "held-out prompts for the final gold evaluation")
-    sample_every: int = arg(5, "print a table of samples every N iterations")
-    save_every: int = arg(5, "checkpoint every N iterations")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from nanorlhf.ensemble import MONITORS, first_warning
+from nanorlhf.monitors import MONITORS, first_warning
 from nanorlhf.evaluate import peak_vs_final
 from nanorlhf.metrics import read_metrics
 from nanorlhf.studies import final_eval, finished, plt, save_figure, save_json

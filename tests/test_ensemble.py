@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.ensemble import MONITORS, Monitors, aggregate, bootstrap_groups, disagreement, distinct2, \
-    first_warning, load_ensemble, parse_thresholds
+from nanorlhf.ensemble import aggregate, bootstrap_groups, disagreement, distinct2, load_ensemble
+from nanorlhf.monitors import MONITORS, Monitors, first_warning, parse_thresholds
 from tests.test_smoke import check_ok, run
 
 
@@ -273,6 +273,19 @@ def test_critic_free_methods_use_the_ensemble_reward_and_log_the_monitors(sft_di
     assert load_checkpoint(out, "pg")["monitors"]["series"]["length_ratio"] == [r["length_ratio"] for r in steps]
 
 
+@pytest.mark.parametrize("script,stage", [("train_ppo.py", "ppo"), ("train_pg.py", "pg")])
+def test_a_resumed_run_carries_its_monitors_series_on(sft_dir, ensemble_dir, tmp_path, script, stage):
+    """The checkpoint holds the monitors' series; --resume continues them (a fresh series would restart at the
+    resumed iteration, and a streak in progress would warn late)."""
+    out = str(tmp_path / stage)
+    common = ("--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir, "--out_dir", out)
+    check_ok(run(script, *common, "--iterations", "2", timeout=600))
+    first = load_checkpoint(out, stage)["monitors"]["series"]["disagreement_ratio"]
+    check_ok(run(script, *common, "--iterations", "3", "--resume", timeout=600))
+    series = load_checkpoint(out, stage)["monitors"]["series"]["disagreement_ratio"]
+    assert len(first) == 2 and len(series) == 3 and series[:2] == first
+
+
 def test_stop_on_monitor_in_a_critic_free_method_keeps_the_last_clear_policy(sft_dir, ensemble_dir, tmp_path):
     out = str(tmp_path / "pg")
     result = run("train_pg.py", "--preset", "tiny", "--algo", "grpo", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir,
@@ -323,7 +336,7 @@ def test_guard_study_at_tiny(sft_dir, tmp_path):
 
 def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
     from types import SimpleNamespace
-    from nanorlhf.ensemble import ensemble_reward
+    from nanorlhf.monitors import ensemble_reward
     from nanorlhf.ppo_step import score_responses
     from tests.conftest import left_padded, make_scalar_gpt
     rt = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
