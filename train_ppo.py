@@ -21,9 +21,9 @@ from nanorlhf.checkpoint import CheckpointError, load_checkpoint, load_model, lo
 from nanorlhf.config import PPOConfig, parse_config, print_config
 from nanorlhf.data import encode_prompts, left_pad, load_prompts
 from nanorlhf.distributed import finish_ddp
-from nanorlhf.monitors import StopOnMonitor, ensemble_reward, ppo_monitors, require_ensemble, watch
 from nanorlhf.evaluate import compare_to_reference
 from nanorlhf.metrics import plot_metrics, print_samples
+from nanorlhf.monitors import StopOnMonitor, ensemble_reward, rl_monitors, require_ensemble, watch
 from nanorlhf.optim import make_optimizer, set_lr
 from nanorlhf.ppo import AdaptiveKLController, FixedKLController
 from nanorlhf.ppo_step import advantages, batch_sizes, iteration_metrics, rollout_kl, old_and_reference_logprobs, \
@@ -47,7 +47,7 @@ try:
     reference, _, _ = load_model(cfg.sft_dir, "sft", rt.device)
     rm, _, rm_ckpt = load_model(cfg.rm_dir, "rm", rt.device, tokenizer_of=sft_ckpt)
     ckpt = load_resume(cfg, "ppo", policy.config)  # None without --resume
-    members, monitors = ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device, ckpt)  # RM members, gold-free monitors
+    members, monitors = rl_monitors(cfg, rm, rm_ckpt, sft_ckpt, rt.device, ckpt)  # RM members, gold-free monitors
 except CheckpointError as e:
     raise SystemExit(str(e))
 gain, bias = rm_ckpt["gain"], rm_ckpt["bias"]  # the RM's score on SFT samples is normalised to mean 0, std 1
@@ -108,7 +108,8 @@ for iteration in range(start, cfg.iterations):
         batch = rollout(policy, prompt, prompt_mask, cfg.max_new_tokens, cfg.temperature, enc.eot_token, rt,
                         generator, decode_step)
     t1 = time.time()
-    # 2. score: the normalised RM reward at the last real token, a penalty where the response never ended
+    # 2. score: the normalised RM reward at the last real token (or an ensemble's conservative aggregate),
+    #    a penalty where the response never ended
     scores, ended, raw = score_responses(rm, gain, bias, batch, enc.eot_token, cfg.no_eos_penalty, rt, raw=True)
     scores, all_scores = ensemble_reward(members, batch, scores, ended, cfg, rt, raw)  # and each member's (K, B)
     # 3. old and reference logprobs and old values, in the order of the first PPO epoch's minibatches
@@ -135,15 +136,15 @@ for iteration in range(start, cfg.iterations):
     metrics.update(t_rollout=t1 - t0, t_score=t2 - t1, t_learn=t3 - t2)
     values, warned = watch(monitors, iteration + 1, all_scores, scores, batch, texts, rt)  # no gold read
     metrics.update(values)
-    stop = stopper.after_observe(iteration, monitors, warned)  # --stop_on_monitor: back to the last clear policy
+    stop = stopper.after_observe(iteration, monitors, warned)  # --stop_on_monitor: stop at a warning
     if rt.is_main and ((iteration + 1) % cfg.sample_every == 0 or iteration == start):
         print_samples([{"prompt": p, "response": t, "reward": float(s), "gold": float(g)}
                        for p, t, s, g in list(zip(prompts, texts, scores.tolist(), gold))[:3]])
     last = iteration + 1 == cfg.iterations
     end_step(run, iteration + 1, metrics, save, log_due=(iteration + 1) % cfg.log_every == 0 or last,
              save_due=(iteration + 1) % cfg.save_every == 0 or last)
-    if stop:  # the last policy no monitor was past its threshold on is back in place: save it, evaluate it
-        save_step(run, save, stopper.stopped)
+    if stop:  # put back the last policy no monitor was past its threshold on: save it, evaluate it
+        save_step(run, save, stopper.restore())
         if rt.is_main:
             print(stopper.line(iteration + 1, warned, cfg.out_dir), flush=True)
         break

@@ -44,7 +44,7 @@ class Monitors:
     def __init__(self, calibration, reward_ensemble, lam, patience, thresholds=None):
         self.cal, self.how, self.lam, self.patience = dict(calibration or {}), reward_ensemble, lam, patience
         self.thresholds = {name: (thresholds or {}).get(name, t) for name, (t, _, _) in MONITORS.items()}
-        if "scores" in self.cal:  # the range of the reward PPO optimises, on SFT samples
+        if "scores" in self.cal:  # the range of the reward the RL stage optimises, on SFT samples
             cal_scores = self.cal["scores"]
             self.reward_range = self.reward(cal_scores)
             if cal_scores.shape[0] > 1:
@@ -53,7 +53,7 @@ class Monitors:
         self.warned = {}  # name -> the iteration it warned at
 
     def observe(self, iteration, scores, reward, lengths, texts, reduce=float):
-        """scores: the members' normalised scores (K, B) (K = 1: a lone RM); reward (B,): what PPO optimises
+        """scores: the members' normalised scores (K, B) (K = 1: a lone RM); reward (B,): what the stage optimises
         (with the no-EOS penalty); lengths (B,) in tokens; reduce: a value's mean over the processes (DDP)."""
         length, d2 = reduce(float(np.mean(lengths))), reduce(float(np.mean([distinct2(t) for t in texts])))
         if "length" not in self.cal:  # no calibration stored: these samples are the baseline
@@ -70,26 +70,30 @@ class Monitors:
         warnings = []
         for name, (_, direction, _) in MONITORS.items():
             self.series[name].append(values.get(name))
+            # not "== the last index": a run resumed with a smaller patience or a tighter threshold finds a streak
+            # that ended earlier in the saved series, and must warn now, not never
             if name not in self.warned and first_warning(self.series[name], self.thresholds[name], direction,
-                                                         self.patience) == len(self.series[name]) - 1:
+                                                         self.patience) is not None:
                 self.warned[name] = iteration
                 warnings.append(name)
         return values, warnings
 
     def state_dict(self):
-        """The series and warnings so far (saved in the run's checkpoint: a resumed run warns as one run would)."""
+        """The series and warnings so far, saved in the run's checkpoint (a resumed run warns as one run would)."""
         return {"series": {k: list(v) for k, v in self.series.items()}, "warned": dict(self.warned),
                 "cal_length": self.cal.get("length"), "cal_distinct2": self.cal.get("distinct2")}
 
-    def load_state_dict(self, state):
-        self.series = {name: list(state["series"].get(name, [])) for name in MONITORS}
-        self.warned = dict(state["warned"])
+    def load_state_dict(self, state, upto=None):
+        """upto: the checkpoint's iteration. A run stopped by --stop_on_monitor saves the policy of an earlier
+        iteration than its monitors have seen: what came after it is dropped, as resume drops its metrics."""
+        self.series = {name: list(state["series"].get(name, []))[:upto] for name in MONITORS}
+        self.warned = {name: it for name, it in state["warned"].items() if upto is None or it <= upto}
         if state.get("cal_length") is not None:  # a baseline taken from the first iteration's samples
             self.cal.setdefault("length", state["cal_length"])
             self.cal.setdefault("distinct2", state["cal_distinct2"])
 
     def reward(self, scores):
-        """The RM reward PPO optimises, from the members' scores (K, B): member 0's, or the ensemble's aggregate."""
+        """The RM reward the RL stage optimises, from the members' scores (K, B): member 0's, or the ensemble's aggregate."""
         return aggregate(scores, self.how, self.lam) if self.how else scores[0]
 
     def clear(self):
@@ -143,13 +147,16 @@ def require_ensemble(cfg):
     if not os.path.exists(ckpt_path(cfg.rm_dir)):
         raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}, which "
                          f"holds no reward model: {fix}")
-    saved = torch.load(ckpt_path(cfg.rm_dir), map_location="cpu", weights_only=True, mmap=True)
+    try:
+        saved = torch.load(ckpt_path(cfg.rm_dir), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: loading the RM says what is wrong with it and what to do
+        return
     if int(saved.get("config", {}).get("ensemble", 1)) < 2:
         raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}, which "
                          f"holds a lone reward model: {fix}")
 
 
-def ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, device, resume=None):
+def rl_monitors(cfg, rm, rm_ckpt, sft_ckpt, device, resume=None):
     """The RL stages' (train_ppo.py, train_pg.py) ensemble members (a list of (model, gain, bias); [rm] for a
     lone RM) and Monitors, with their series so far from a --resume checkpoint (a resumed run warns when one
     unbroken run would). Raises CheckpointError for a broken ensemble, SystemExit for --reward_ensemble
@@ -158,13 +165,13 @@ def ppo_monitors(cfg, rm, rm_ckpt, sft_ckpt, device, resume=None):
     if cfg.reward_ensemble and len(members) == 1:
         raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train "
                          f"one with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
-    if cfg.ensemble_lambda != 1.0 and cfg.reward_ensemble != "mean_std":
+    if cfg.ensemble_lambda != 1.0 and cfg.reward_ensemble != "mean_std" and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: --ensemble_lambda {cfg.ensemble_lambda} is read only by --reward_ensemble mean_std; "
               f"this run ignores it")
     monitors = Monitors(cal, cfg.reward_ensemble, cfg.ensemble_lambda, cfg.monitor_patience,
                         parse_thresholds(cfg.monitor_thresholds))
     if resume is not None and "monitors" in resume:
-        monitors.load_state_dict(resume["monitors"])
+        monitors.load_state_dict(resume["monitors"], upto=resume["step"])
     return members, monitors
 
 
@@ -196,20 +203,24 @@ class StopOnMonitor:
         if self.on:
             self.before = snapshot(*self.nets)
 
-    def after_observe(self, iteration, monitors, warned):
-        """-> True when the run must stop now (the nets then hold the last clear weights: self.stopped updates)."""
+    def after_observe(self, updates_before, monitors, warned):
+        """updates_before: the updates done before this iteration's (its 0-based index). -> True when the run
+        must stop now; the weights go back only in restore(), after this iteration's end_step (a Ctrl-C there
+        saves the latest weights under the latest step, as in any run)."""
         if not self.on:
             return False
         if monitors.clear():
-            self.good = (iteration, self.before)
-        if not warned:
-            return False
+            self.good = (updates_before, self.before)
+        return bool(warned)
+
+    def restore(self):
+        """Put the last clear weights back -> their number of updates (the step to save them under)."""
         self.stopped = self.good[0]
         for net, state in zip(self.nets, self.good[1]):
             net.load_state_dict(state)
-        return True
+        return self.stopped
 
     def line(self, iteration, warned, out_dir):
         return (f"stopped by --stop_on_monitor at iteration {iteration}: {', '.join(warned)} warned; kept the policy "
                 f"after {self.stopped} updates, the last one whose samples no monitor was past its threshold on "
-                f"(saved {out_dir}/ckpt.pt; its optimizer states are the latest ones)")
+                f"(saved {out_dir}/ckpt.pt; its optimizer, RNG and baseline or beta states are the latest ones)")

@@ -139,6 +139,39 @@ def test_resumed_monitors_warn_when_one_unbroken_run_would():
     assert feed(again, range(8, 12)) == []  # warned once already
 
 
+def test_resumed_monitors_with_a_smaller_patience_or_tighter_threshold_warn_at_once():
+    """The saved series already holds a streak that the new setting counts: the first iteration after the
+    resume warns (a check for "the streak ends at the last value" would never warn)."""
+    cal = {"length": 10.0, "distinct2": 1.0}
+
+    def step(mon, it, length):
+        return mon.observe(it, torch.zeros(1, 4), torch.zeros(4), np.full(4, length), ["a b c d"] * 4)[1]
+    saved = Monitors(cal, "", 1.0, 3)
+    assert step(saved, 1, 13) == [] and step(saved, 2, 13) == []  # 1.3 > 1.2 twice: patience 3 not reached
+    shorter = Monitors(cal, "", 1.0, 1)
+    shorter.load_state_dict(saved.state_dict())
+    assert step(shorter, 3, 10) == ["length_ratio"]  # this iteration is below, yet the streak of 2 counts
+    quiet = Monitors(cal, "", 1.0, 3)
+    for it in (1, 2, 3):
+        step(quiet, it, 11.5)  # 1.15: under the default 1.2
+    tight = Monitors(cal, "", 1.0, 3, {"length_ratio": 1.1})
+    tight.load_state_dict(quiet.state_dict())
+    assert step(tight, 4, 11.5) == ["length_ratio"]
+
+
+def test_monitors_resumed_from_a_stopped_run_drop_what_came_after_its_step():
+    cal = {"length": 10.0, "distinct2": 1.0}
+    mon = Monitors(cal, "", 1.0, 2)
+    for it in range(1, 5):
+        mon.observe(it, torch.zeros(1, 4), torch.zeros(4), np.full(4, 10 if it < 3 else 13), ["a b c d"] * 4)
+    assert mon.warned == {"length_ratio": 4}
+    back = Monitors(cal, "", 1.0, 2)
+    back.load_state_dict(mon.state_dict(), upto=2)  # --stop_on_monitor kept the policy after 2 updates
+    assert len(back.series["length_ratio"]) == 2 and back.warned == {}
+    back.load_state_dict(mon.state_dict(), upto=4)
+    assert len(back.series["length_ratio"]) == 4 and back.warned == {"length_ratio": 4}
+
+
 def _roundtrip(obj):
     import io
     buf = io.BytesIO()
