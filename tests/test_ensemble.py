@@ -238,16 +238,22 @@ def ppo_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def logged_monitors(out_dir):
+    """The iteration lines of a 2-iteration tiny run, each with every monitor of an ensemble, finite."""
+    steps = [r for r in ppo_metrics(out_dir) if "gold" in r]
+    assert len(steps) == 2
+    for r in steps:
+        for key in ("disagreement", "disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"):
+            assert np.isfinite(r[key]), key
+    return steps
+
+
 def test_ppo_with_an_ensemble_reward_logs_the_monitors(sft_dir, ensemble_dir, tmp_path):
     out = str(tmp_path / "ppo")
     result = run("train_ppo.py", "--preset", "tiny", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir, "--out_dir", out,
                  "--reward_ensemble", "mean_std", "--ensemble_lambda", "0.5", timeout=600)
     check_ok(result)
-    steps = [r for r in ppo_metrics(out) if "gold" in r]
-    assert len(steps) == 2
-    for r in steps:
-        for key in ("disagreement", "disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"):
-            assert np.isfinite(r[key]), key
+    logged_monitors(out)
     assert any("eval_gold_ppo" in r for r in ppo_metrics(out))
 
 
@@ -298,11 +304,7 @@ def test_critic_free_methods_use_the_ensemble_reward_and_log_the_monitors(sft_di
     result = run("train_pg.py", "--preset", "tiny", "--algo", "rloo", "--sft_dir", sft_dir, "--rm_dir", ensemble_dir,
                  "--out_dir", out, "--reward_ensemble", "min", timeout=600)
     check_ok(result)
-    steps = [r for r in ppo_metrics(out) if "gold" in r]
-    assert len(steps) == 2
-    for r in steps:
-        for key in ("disagreement", "disagreement_ratio", "frac_above_sft_q99", "length_ratio", "distinct2_ratio"):
-            assert np.isfinite(r[key]), key
+    steps = logged_monitors(out)
     assert load_checkpoint(out, "pg")["monitors"]["series"]["length_ratio"] == [r["length_ratio"] for r in steps]
 
 
