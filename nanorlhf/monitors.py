@@ -36,10 +36,11 @@ def first_warning(values, threshold, direction, patience):
 
 
 class Monitors:
-    """The monitors of a PPO run, read every iteration from its samples alone (no gold score): observe() gives
-    their values as metrics and the names of those that warn now (once each, when a monitor has stayed past its
-    threshold for `patience` iterations). The baseline is the RM's calibration; without one (an RM trained
-    before calibrations were stored) the first observed iteration's samples are the baseline."""
+    """The monitors of an RL run (PPO, the critic-free methods), read every iteration from its samples alone (no
+    gold score): observe() gives their values as metrics and the names of those that warn now (once each, when a
+    monitor has stayed past its threshold for `patience` iterations). The baseline is the RM's calibration;
+    without one (an RM trained before calibrations were stored) the first observed iteration's samples are the
+    baseline."""
 
     def __init__(self, calibration, reward_ensemble, lam, patience, thresholds=None):
         self.cal, self.how, self.lam, self.patience = dict(calibration or {}), reward_ensemble, lam, patience
@@ -93,7 +94,7 @@ class Monitors:
             self.cal.setdefault("distinct2", state["cal_distinct2"])
 
     def reward(self, scores):
-        """The RM reward the RL stage optimises, from the members' scores (K, B): member 0's, or the ensemble's aggregate."""
+        """The RM reward the RL stage optimises, from the members' scores (K, B): member 0's or their aggregate."""
         return aggregate(scores, self.how, self.lam) if self.how else scores[0]
 
     def clear(self):
@@ -124,7 +125,7 @@ def parse_thresholds(text):
     return out
 
 
-def ensemble_reward(members, batch, scores, ended, cfg, rt, raw0=None):
+def ensemble_reward(members, batch, scores, ended, cfg, rt, raw0):
     """The RL stages' reward: scores (B,) from score_responses (member 0's, the no-EOS penalty where a response
     never ended), unchanged unless cfg.reward_ensemble names a conservative reward; then that aggregate of the
     members' scores where the response ended. raw0: member 0's scores before the penalty (score_responses with
@@ -132,8 +133,7 @@ def ensemble_reward(members, batch, scores, ended, cfg, rt, raw0=None):
     scores[None])."""
     if len(members) == 1:
         return scores, scores[None]
-    first = member_scores(members[:1], batch, rt) if raw0 is None else raw0.float()[None]
-    all_scores = torch.cat([first, member_scores(members[1:], batch, rt)])
+    all_scores = torch.cat([raw0.float()[None], member_scores(members[1:], batch, rt)])
     if cfg.reward_ensemble:
         scores = torch.where(ended, aggregate(all_scores, cfg.reward_ensemble, cfg.ensemble_lambda), scores)
     return scores, all_scores
@@ -159,12 +159,9 @@ def require_ensemble(cfg):
 def rl_monitors(cfg, rm, rm_ckpt, sft_ckpt, device, resume=None):
     """The RL stages' (train_ppo.py, train_pg.py) ensemble members (a list of (model, gain, bias); [rm] for a
     lone RM) and Monitors, with their series so far from a --resume checkpoint (a resumed run warns when one
-    unbroken run would). Raises CheckpointError for a broken ensemble, SystemExit for --reward_ensemble
-    without one. The flags themselves were checked with the config (checks.py)."""
-    members, cal = load_ensemble(cfg.rm_dir, device, sft_ckpt, member0=(rm, rm_ckpt))
-    if cfg.reward_ensemble and len(members) == 1:
-        raise SystemExit(f"--reward_ensemble {cfg.reward_ensemble} needs an ensemble in --rm_dir {cfg.rm_dir}: train "
-                         f"one with `python train_rm.py --ensemble 3`, or drop --reward_ensemble")
+    unbroken run would). Raises CheckpointError for a broken ensemble. The flags were checked with the config
+    (checks.py), and --reward_ensemble without an ensemble by require_ensemble, before any stage was trained."""
+    members, cal = load_ensemble(cfg.rm_dir, device, sft_ckpt, member0=(rm, rm_ckpt))  # require_ensemble ran
     if cfg.ensemble_lambda != 1.0 and cfg.reward_ensemble != "mean_std" and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: --ensemble_lambda {cfg.ensemble_lambda} is read only by --reward_ensemble mean_std; "
               f"this run ignores it")

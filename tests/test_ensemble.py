@@ -110,7 +110,8 @@ def test_ensemble_flags_that_can_work_are_accepted():
     from nanorlhf.config import PGConfig, PPOConfig, RMConfig, StudyConfig, make_config
     for how in ("", "mean", "mean_std", "min"):
         assert make_config(PGConfig, "pg", reward_ensemble=how, ensemble_lambda=0.0).reward_ensemble == how
-    assert make_config(PPOConfig, "ppo", monitor_patience=1, monitor_thresholds="length_ratio=1.5").monitor_patience == 1
+    ppo = make_config(PPOConfig, "ppo", monitor_patience=1, monitor_thresholds="length_ratio=1.5")
+    assert ppo.monitor_patience == 1
     assert make_config(RMConfig, "rm", ensemble=1).ensemble == 1 and make_config(StudyConfig, "study",
                                                                                    ensemble=2).ensemble == 2
 
@@ -381,25 +382,21 @@ def test_ppo_reward_is_member_0s_unless_an_ensemble_reward_is_asked_for():
     response[:3, 3] = 22  # rows 0-2 end with the end token at column 3; row 3 never ends
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 3 + [[1] * 6])
     batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response, "mask": mask}
-    scores, ended = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt)
+    scores, ended, raw = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt, raw=True)
     assert ended.tolist() == [True, True, True, False]
+    assert torch.equal(scores, torch.where(ended, raw, torch.tensor(-1.0)))  # raw: before the no-EOS penalty
     single, all_scores = ensemble_reward(members, batch, scores, ended,
-                                         SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+                                         SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt, raw)
     assert torch.equal(single, scores) and all_scores.shape == (3, 4)
-    assert torch.allclose(all_scores[0], torch.where(ended, scores, all_scores[0]))  # member 0, gain 1, bias 0
+    # member 0 passed in (the RL stages' way) equals every member scored afresh, member 0 included
+    from nanorlhf.ensemble import member_scores
+    assert torch.allclose(all_scores, member_scores(members, batch, rt), atol=1e-6)
     for how in ("mean", "mean_std", "min"):
         r, _ = ensemble_reward(members, batch, scores, ended, SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5),
-                               rt)
+                               rt, raw)
         assert torch.allclose(r[:3], aggregate(all_scores, how, 0.5)[:3]) and float(r[3]) == -1.0
-    # member 0's scores before the penalty, passed in (as the RL stages do) instead of run again: the same
-    _, _, raw = score_responses(members[0][0], 1.0, 0.0, batch, 22, -1.0, rt, raw=True)
-    for how in ("", "mean", "mean_std", "min"):
-        cfg = SimpleNamespace(reward_ensemble=how, ensemble_lambda=0.5)
-        r, passed = ensemble_reward(members, batch, scores, ended, cfg, rt, raw)
-        r_full, full = ensemble_reward(members, batch, scores, ended, cfg, rt)
-        assert torch.allclose(passed, full, atol=1e-6) and torch.allclose(r, r_full, atol=1e-6)
     lone, lone_all = ensemble_reward(members[:1], batch, scores, ended,
-                                     SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt)
+                                     SimpleNamespace(reward_ensemble="", ensemble_lambda=1.0), rt, raw)
     assert torch.equal(lone, scores) and torch.equal(lone_all, scores[None])
 
 
